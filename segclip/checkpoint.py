@@ -1,0 +1,141 @@
+"""The checkpoint contract (`ckpt.pt`, DESIGN.md): save atomically, load safely.
+
+A `torch.save` dict `{"format": "segclip-ckpt", "version": 1, "config": {...}, "state_dict":
+{...}, "meta": {...}}`, read with `torch.load(..., weights_only=True)` so no object of a user's
+file is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from segclip.config import ModelConfig
+from segclip.errors import CheckpointError, ConfigError
+from segclip.model import SegCLIP
+
+CKPT_FORMAT = "segclip-ckpt"
+CKPT_VERSION = 1
+RECONSTRUCTION_PREFIX = "reconstruction."
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """`torch.save` to a temp file in the target directory, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_checkpoint(model: SegCLIP, path: str | os.PathLike, meta: dict[str, Any] | None = None,
+                    inference_only: bool = False, half: bool = False) -> Path:
+    """Write `model` as a segclip checkpoint.
+
+    Args:
+        inference_only: drop the reconstruction branch (and record `with_reconstruction=False`).
+        half: store floating tensors as float16 (loading casts them back to the model's dtype).
+    """
+    config = model.config.to_dict()
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if inference_only and name.startswith(RECONSTRUCTION_PREFIX):
+            continue
+        tensor = tensor.detach().cpu()
+        state[name] = tensor.half() if half and tensor.is_floating_point() else tensor.clone()
+    if inference_only:
+        config["with_reconstruction"] = False
+    payload = {"format": CKPT_FORMAT, "version": CKPT_VERSION, "config": config,
+               "state_dict": state, "meta": dict(meta or {})}
+    return atomic_torch_save(payload, path)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load and validate the checkpoint dict (weights only; nothing is unpickled)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint is empty (0 bytes): {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refusing to load {path}: it holds Python objects that only a full unpickle could "
+            f"build (possibly code); segclip loads tensors and plain data only "
+            f"(torch.load weights_only=True). Re-save it as a plain state dict.") from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: truncated or not a torch file "
+                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+    return validate_payload(payload, path)
+
+
+def validate_payload(payload: Any, path: str | os.PathLike) -> dict[str, Any]:
+    """Check the format marker, version and field types of a loaded checkpoint dict."""
+    if not isinstance(payload, dict) or payload.get("format") != CKPT_FORMAT:
+        hint = ""
+        if isinstance(payload, dict) and any(k.startswith("clip.") for k in payload):
+            hint = " It looks like an official SegCLIP file: run `segclip-convert official` first."
+        elif isinstance(payload, dict) and "visual.conv1.weight" in payload:
+            hint = " It looks like CLIP weights: run `segclip-convert clip` first."
+        raise CheckpointError(f"{path} is not a segclip checkpoint (no format "
+                              f"{CKPT_FORMAT!r}).{hint}")
+    if payload.get("version") != CKPT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {payload.get('version')!r} is not "
+                              f"supported (expected {CKPT_VERSION}); upgrade segclip")
+    if not isinstance(payload.get("config"), dict) or not isinstance(payload.get("state_dict"),
+                                                                      dict):
+        raise CheckpointError(f"{path}: checkpoint lacks its 'config' or 'state_dict' dict")
+    return payload
+
+
+def model_from_payload(payload: dict[str, Any], path: str | os.PathLike = "<checkpoint>",
+                       ) -> SegCLIP:
+    """Build the model of a validated checkpoint dict and load its weights strictly."""
+    try:
+        config = ModelConfig.from_dict(payload["config"])
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{path}: invalid model config: {e}") from e
+    model = SegCLIP(config)
+    expected = set(model.state_dict())
+    given = set(payload["state_dict"])
+    missing, unexpected = sorted(expected - given), sorted(given - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: state dict does not match the model: "
+                              f"{len(missing)} missing {missing[:5]}, "
+                              f"{len(unexpected)} unexpected {unexpected[:5]}")
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: {str(e).splitlines()[0]}") from e
+    return model
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    ) -> SegCLIP:
+    """Load a segclip checkpoint into a fresh model in eval mode."""
+    payload = read_checkpoint(path)
+    return model_from_payload(payload, path).to(map_location).eval()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file (recorded in bundles as the source checkpoint's identity)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

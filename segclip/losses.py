@@ -1,0 +1,73 @@
+"""Training losses (paper §2.1, §2.3, §2.4; reference §2): contrastive, reconstruction, superpixel KL.
+
+Legend: B batch, N patches, L regions, D embedding width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def gather_with_grad(features: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All-gather (B, D) features across ranks keeping gradients; returns (all, offset of ours)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return features, 0
+    from torch.distributed.nn.functional import all_gather
+
+    gathered = torch.cat(all_gather(features), dim=0)  # (world*B, D)
+    return gathered, dist.get_rank() * features.shape[0]
+
+
+def contrastive_loss(image: torch.Tensor, text: torch.Tensor,
+                     logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE of L2-normalised (B, D) image and text features; `logit_scale` is the
+    multiplier itself (already clamped). Local rows against the features of all ranks."""
+    all_image, offset = gather_with_grad(image)
+    all_text, _ = gather_with_grad(text)
+    labels = torch.arange(image.shape[0], device=image.device) + offset  # (B,)
+    logits_per_image = logit_scale * image @ all_text.t()  # (B, world*B)
+    logits_per_text = logit_scale * text @ all_image.t()  # (B, world*B)
+    return (F.cross_entropy(logits_per_image, labels)
+            + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor,
+                        masked: torch.Tensor) -> torch.Tensor:
+    """MSE averaged per patch, then over the masked patches only.
+
+    Args:
+        pred, target: (B, N, P) predicted and true normalised pixels per patch.
+        masked: (B, N) 1.0 for hidden patches.
+    """
+    per_patch = (pred - target).pow(2).mean(dim=-1)  # (B, N)
+    return (per_patch * masked).sum() / masked.sum().clamp_min(1.0)
+
+
+def superpixel_mean_assignment(hard: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean assignment over each patch's super-patch (eq. 5 before the softmax).
+
+    Args:
+        hard: (B, N, L) per-patch assignment rows.
+        labels: (B, N) integer super-patch labels.
+    Returns:
+        (B, N, L) the mean row over the patches sharing each patch's label.
+    """
+    same = (labels.unsqueeze(2) == labels.unsqueeze(1)).to(hard.dtype)  # (B, N, N)
+    return (same @ hard) / same.sum(dim=-1, keepdim=True)  # (B, N, L)
+
+
+def superpixel_kl_loss(hard: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Symmetric KL between each patch's assignment and its super-patch mean (eqs. 5-6).
+
+    As in the official code the softmax is applied to the one-hot / averaged rows as if they were
+    logits, nothing is detached, and each KL sum is divided by B*N*L.
+    """
+    mean = superpixel_mean_assignment(hard, labels)  # (B, N, L)
+    log_p = F.log_softmax(hard, dim=-1)  # (B, N, L)
+    log_m = F.log_softmax(mean, dim=-1)  # (B, N, L)
+    norm = hard.numel()
+    kl_m_p = F.kl_div(log_p, log_m, reduction="sum", log_target=True) / norm  # KL(m || p)
+    kl_p_m = F.kl_div(log_m, log_p, reduction="sum", log_target=True) / norm  # KL(p || m)
+    return (kl_m_p + kl_p_m) / 2
