@@ -74,11 +74,16 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"refusing to load {path}: it holds Python objects that only a full unpickle could "
-            f"build (possibly code); segclip loads tensors and plain data only "
-            f"(torch.load weights_only=True). Re-save it as a plain state dict.") from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        # torch wraps every weights-only failure in this type; garbage bytes show up as an
+        # "Unsupported operand", a forbidden object as an "Unsupported global"/class.
+        if "Unsupported operand" not in str(e):
+            raise CheckpointError(
+                f"refusing to load {path}: it holds Python objects that only a full unpickle "
+                f"could build (possibly code); segclip loads tensors and plain data only "
+                f"(torch.load weights_only=True). Re-save it as a plain state dict.") from e
+        raise CheckpointError(f"cannot read checkpoint {path}: truncated or not a torch file "
+                              f"(corrupt pickle data)") from e
+    except Exception as e:  # the weights-only unpickler raises KeyError etc. on garbage bytes
         raise CheckpointError(f"cannot read checkpoint {path}: truncated or not a torch file "
                               f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
     return validate_payload(payload, path)
@@ -120,8 +125,9 @@ def model_from_payload(payload: dict[str, Any], path: str | os.PathLike = "<chec
                               f"{len(unexpected)} unexpected {unexpected[:5]}")
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: {str(e).splitlines()[0]}") from e
+    except RuntimeError as e:  # e.g. shape mismatches, one per line after a header line
+        detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise CheckpointError(f"{path}: {detail}") from e
     return model
 
 

@@ -61,6 +61,8 @@ class ModelConfig:
         if not 1 <= self.group_layer <= self.vision_layers:
             raise ConfigError(f"group_layer must be in [1, vision_layers={self.vision_layers}], "
                               f"got {self.group_layer}")
+        if not self.vision_mlp_ratio > 0:
+            raise ConfigError(f"vision_mlp_ratio must be > 0, got {self.vision_mlp_ratio}")
         if self.cross_layers < 0:
             raise ConfigError(f"cross_layers must be >= 0, got {self.cross_layers}")
         for name, width, heads in (("vision", self.vision_width, self.vision_heads),
