@@ -31,6 +31,10 @@ IMAGE_OUTPUTS = (GLOBAL_OUTPUT, REGIONS_OUTPUT, ASSIGN_OUTPUT)
 TEXT_INPUT = "tokens"
 TEXT_OUTPUT = "text"
 
+# symbolic (dynamic) dimension names of the ONNX graphs: image batch B, label count T
+BATCH_DIM = "batch"
+LABELS_DIM = "labels"
+
 # preprocessing and inference defaults (official protocol, reference §4)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -1,0 +1,221 @@
+"""Fused label assignment (DESIGN.md "Label assignment", paper §2.5, reference §4 steps 3-7).
+
+Per window, from the image engine's `global` [D], `regions` [L, D], `assign` [L, h, w] and the
+label embeddings `text` [T, D]:
+
+1. `region_scores`: G = scale * regions @ text.T; P_pre = softmax_T(G); keep the top-k labels by
+   global @ text.T (k = min(top_k, T)), mask the others to -inf; P = softmax_T(masked G) * P_pre.
+2. `region_labels`: label of region l = argmax_t P[l, t] + 1, or 0 (background) when
+   max_t P[l, t] < min(threshold, max P) (the official code takes max P over the whole [L, T]).
+3. `assign_pixels` / `assign_windows`: each output pixel takes the label of the region with the
+   largest bilinearly interpolated (align_corners=False) soft assignment.
+
+Step 3 is computed per output pixel, separably and in chunks of rows, without materialising an
+[L, H, W] (or [T, H, W]) array: peak memory is O(L * rows_per_chunk * W).
+
+Windows (the fused definition). The image (H x W) was resized to (Hr x Wr), short side S, and
+covered by S x S windows (`segclip.runtime.windows`). Along each axis, an output pixel i has its
+centre at r = (i + 0.5) * Hr / H in resized coordinates and belongs to the tile floor(r / S)
+(clamped to the last window): every window owns the S-wide tile it would cover unshifted, so where
+the shifted last window overlaps its neighbour, the earlier window wins. Within the owning window
+(start y0) the pixel samples the patch grid once, bilinearly, at p = (r - y0) * h / S - 0.5: its
+centre mapped through both coordinate transforms (original -> resized, window -> patch grid),
+with PyTorch's edge clamping at the window's border. For a single window this is mathematically
+`F.interpolate(assign, (H, W), mode="bilinear", align_corners=False)`. The official
+protocol instead averages window score maps where windows overlap and resamples scores (not
+assignments) a second time; the two differ only in the overlap strip and along label borders.
+
+Legend: L regions, T labels, D embedding width, h x w patch grid, H x W output pixels,
+n windows, ny x nx window grid, r rows in a chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from segclip.runtime._interp import Taps, linear_taps, taps_from_coordinates
+from segclip.runtime.contract import DEFAULT_TOP_K
+from segclip.runtime.windows import window_grid, window_starts
+
+CHUNK_ELEMENTS = 1 << 21  # L * rows * W floats per chunk (8 MiB float32 per temporary)
+MAX_LABELS = np.iinfo(np.uint16).max  # label maps are uint16; 0 is background
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis; -inf entries get probability 0."""
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def region_scores(regions: np.ndarray, global_: np.ndarray, text: np.ndarray,
+                  logit_scale: float, top_k: int = DEFAULT_TOP_K) -> np.ndarray:
+    """Label probabilities of each region, masked to the image's top-k labels.
+
+    Args:
+        regions: (..., L, D) L2-normalised region embeddings (leading axes: windows).
+        global_: (..., D) L2-normalised global image embedding.
+        text: (T, D) L2-normalised label embeddings.
+        logit_scale: the multiplier itself (exp of the learned parameter, <= 100).
+        top_k: labels kept by the global mask; min(top_k, T) are kept.
+
+    Returns:
+        (..., L, T) float32 P = softmax(masked G) * softmax(G), G = scale * regions @ text.T.
+    """
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    regions = np.asarray(regions, dtype=np.float32)
+    text = np.asarray(text, dtype=np.float32)
+    if text.ndim != 2 or text.shape[0] < 1 or text.shape[1] != regions.shape[-1]:
+        raise ValueError(f"text must be (T, D) with T >= 1 and D = {regions.shape[-1]} (the "
+                         f"regions' width), got shape {text.shape}")
+    logits = logit_scale * (regions @ text.T)  # (..., L, T)
+    prior = _softmax(logits)  # (..., L, T)
+    global_logits = np.asarray(global_, dtype=np.float32) @ text.T  # (..., T)
+    k = min(top_k, text.shape[0])
+    order = np.argsort(-global_logits, axis=-1, kind="stable")[..., :k]  # (..., k)
+    keep = np.zeros(global_logits.shape, dtype=bool)  # (..., T)
+    np.put_along_axis(keep, order, True, axis=-1)
+    masked = np.where(keep[..., None, :], logits, -np.inf)  # (..., L, T)
+    return (_softmax(masked) * prior).astype(np.float32)
+
+
+def region_labels(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Label of each region: argmax + 1, or 0 when its best score < min(threshold, max score).
+
+    Args:
+        scores: (..., L, T) region scores (`region_scores`); leading axes are windows, and each
+            window's cutoff uses its own max score.
+
+    Returns:
+        (..., L) uint16 labels in 0..T.
+    """
+    scores = np.asarray(scores)
+    if scores.ndim < 2 or scores.shape[-1] < 1 or scores.shape[-2] < 1:
+        raise ValueError(f"scores must be (..., L, T) with L, T >= 1, got shape {scores.shape}")
+    if scores.shape[-1] > MAX_LABELS:
+        raise ValueError(f"at most {MAX_LABELS} labels fit a uint16 label map, got "
+                         f"{scores.shape[-1]}")
+    best = scores.max(axis=-1)  # (..., L)
+    cutoff = np.minimum(threshold, best.max(axis=-1, keepdims=True))  # (..., 1)
+    labels = scores.argmax(axis=-1) + 1  # (..., L)
+    return np.where(best < cutoff, 0, labels).astype(np.uint16)
+
+
+def _lerp(lower: np.ndarray, upper: np.ndarray, frac: np.ndarray) -> np.ndarray:
+    """lower + (upper - lower) * frac, in place in `upper` (a fresh gather) to spare temporaries."""
+    np.subtract(upper, lower, out=upper)
+    upper *= frac
+    upper += lower
+    return upper
+
+
+def _fused_labels(source: np.ndarray, rows: Taps, cols: Taps, row_tiles: np.ndarray,
+                  col_tiles: np.ndarray, table: np.ndarray, chunk_elements: int) -> np.ndarray:
+    """Per output pixel: interpolate the L maps of `source`, argmax, look the region label up.
+
+    Args:
+        source: (L, Hs, Ws) float32 soft assignment (window maps stacked into one mosaic).
+        rows, cols: taps into Hs / Ws for each output row (H) / column (W).
+        row_tiles, col_tiles: (H,), (W,) window row / column owning each output row / column.
+        table: (ny, nx, L) uint16 region labels per window.
+    """
+    num_regions = source.shape[0]
+    height, width = rows.lo.shape[0], cols.lo.shape[0]
+    out = np.empty((height, width), dtype=np.uint16)  # (H, W)
+    step = max(1, chunk_elements // (num_regions * width))
+    col_frac = cols.frac[None, None, :]  # (1, 1, W)
+    for start in range(0, height, step):
+        stop = min(start + step, height)
+        lo, hi = rows.lo[start:stop], rows.hi[start:stop]  # (r,)
+        needed, local = np.unique(np.concatenate([lo, hi]), return_inverse=True)
+        rows_needed = source[:, needed]  # (L, k, Ws)
+        band = _lerp(rows_needed[:, :, cols.lo], rows_needed[:, :, cols.hi], col_frac)  # (L, k, W)
+        top, bottom = local[:stop - start], local[stop - start:]  # (r,), (r,)
+        values = _lerp(band[:, top], band[:, bottom], rows.frac[start:stop, None])  # (L, r, W)
+        best = values.argmax(axis=0)  # (r, W)
+        tiles = row_tiles[start:stop, None]  # (r, 1)
+        out[start:stop] = table[tiles, col_tiles[None, :], best]  # (r, W)
+    return out
+
+
+def _check_output_size(out_hw: Sequence[int]) -> tuple[int, int]:
+    height, width = (int(v) for v in out_hw)
+    if height < 1 or width < 1:
+        raise ValueError(f"output size must be at least 1x1, got {height}x{width}")
+    return height, width
+
+
+def assign_pixels(assign: np.ndarray, region_label: np.ndarray, out_hw: Sequence[int],
+                  chunk_elements: int = CHUNK_ELEMENTS) -> np.ndarray:
+    """Label map of one window resampled to `out_hw` (equals F.interpolate + argmax + look-up).
+
+    Args:
+        assign: (L, h, w) float soft assignment of the patches to the regions.
+        region_label: (L,) label of each region (`region_labels`).
+        out_hw: (H, W) output size; up- and downscaling both use 2-tap bilinear sampling.
+
+    Returns:
+        (H, W) uint16 labels, 0 = background, i = i-th label.
+    """
+    assign = np.asarray(assign, dtype=np.float32)
+    if assign.ndim != 3 or np.asarray(region_label).shape != (assign.shape[0],):
+        raise ValueError(f"assign must be (L, h, w) and region_label (L,), got {assign.shape} "
+                         f"and {np.asarray(region_label).shape}")
+    height, width = _check_output_size(out_hw)
+    table = np.asarray(region_label, dtype=np.uint16)[None, None, :]  # (1, 1, L)
+    rows, cols = linear_taps(height, assign.shape[1]), linear_taps(width, assign.shape[2])
+    zeros_h, zeros_w = np.zeros(height, np.int64), np.zeros(width, np.int64)
+    return _fused_labels(assign, rows, cols, zeros_h, zeros_w, table, chunk_elements)
+
+
+def window_taps(out_size: int, resized: int, window: int, grid: int) -> tuple[np.ndarray, Taps]:
+    """Owning window and patch-grid taps of each output pixel along one axis (module docstring).
+
+    Returns:
+        (N,) int64 window index along the axis, and taps into the windows' grids stacked along
+        the axis (window t's samples at t * grid ... t * grid + grid - 1).
+    """
+    starts = np.asarray(window_starts(resized, window), dtype=np.float64)
+    centres = (np.arange(out_size, dtype=np.float64) + 0.5) * (resized / out_size)  # (N,)
+    tiles = np.minimum(centres // window, len(starts) - 1).astype(np.int64)  # (N,)
+    coordinates = (centres - starts[tiles]) * (grid / window) - 0.5  # (N,)
+    local = taps_from_coordinates(coordinates, grid)
+    offset = tiles * grid
+    return tiles, Taps(lo=local.lo + offset, hi=local.hi + offset, frac=local.frac)
+
+
+def assign_windows(assign: np.ndarray, region_label: np.ndarray, resized_hw: Sequence[int],
+                   window: int, out_hw: Sequence[int],
+                   chunk_elements: int = CHUNK_ELEMENTS) -> np.ndarray:
+    """Label map of a slid image at its original resolution (module docstring: "Windows").
+
+    Args:
+        assign: (n, L, h, w) soft assignment per window, windows in `window_boxes` order.
+        region_label: (n, L) labels of each window's regions.
+        resized_hw: (Hr, Wr) size the image was resized to (short side = `window`).
+        window: S, the window side in resized pixels.
+        out_hw: (H, W) output size, normally the original image size.
+
+    Returns:
+        (H, W) uint16 labels, 0 = background, i = i-th label.
+    """
+    assign = np.asarray(assign, dtype=np.float32)
+    region_label = np.asarray(region_label, dtype=np.uint16)
+    resized_h, resized_w = (int(v) for v in resized_hw)
+    grid_y, grid_x = window_grid(resized_h, resized_w, window)
+    if assign.ndim != 4 or assign.shape[0] != grid_y * grid_x:
+        raise ValueError(f"assign must be (n, L, h, w) with n = {grid_y}x{grid_x} windows for a "
+                         f"{resized_h}x{resized_w} image and window {window}, got {assign.shape}")
+    if region_label.shape != assign.shape[:2]:
+        raise ValueError(f"region_label must be {assign.shape[:2]}, got {region_label.shape}")
+    num, regions, grid_h, grid_w = assign.shape
+    height, width = _check_output_size(out_hw)
+    mosaic = assign.reshape(grid_y, grid_x, regions, grid_h, grid_w)  # (ny, nx, L, h, w)
+    mosaic = mosaic.transpose(2, 0, 3, 1, 4).reshape(regions, grid_y * grid_h, grid_x * grid_w)
+    table = region_label.reshape(grid_y, grid_x, regions)  # (ny, nx, L)
+    row_tiles, rows = window_taps(height, resized_h, window, grid_h)
+    col_tiles, cols = window_taps(width, resized_w, window, grid_w)
+    return _fused_labels(np.ascontiguousarray(mosaic), rows, cols, row_tiles, col_tiles, table,
+                         chunk_elements)
