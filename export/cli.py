@@ -1,0 +1,96 @@
+"""`segclip-export`: checkpoint -> ONNX bundle, parity re-check, TensorRT engines (DESIGN.md
+"Command contracts").
+
+Thin typer commands over `export_bundle`, `verify_bundle` and `build_engines`. Progress goes to
+stderr, the summary table to stdout. A `SegclipError` becomes one line on stderr and exit code 2;
+any other exception keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+from segclip.errors import SegclipError
+
+app = typer.Typer(help="Export SegCLIP checkpoints as bundles (ONNX, TensorRT).",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+def _progress(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def _fail(error: SegclipError) -> NoReturn:
+    typer.echo(f"error: {' '.join(str(error).split())}", err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command("onnx")
+def onnx_command(
+    checkpoint: Annotated[Path, typer.Argument(help="segclip checkpoint (ckpt.pt)")],
+    out: Annotated[Path | None, typer.Option("--out", help="bundle directory "
+                                             "[default: 'bundle' beside the checkpoint]")] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset, 17..20")] = 17,
+    fp16: Annotated[bool, typer.Option("--fp16", help="also write image.fp16.onnx")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="also write image.int8.onnx "
+                                       "(dynamic int8, CPU)")] = False,
+) -> None:
+    """Export CHECKPOINT as a bundle verified against PyTorch (image/text ONNX, tokenizer)."""
+    try:
+        from segclip.export.bundle import export_bundle
+        from segclip.export.manifest import summary_table
+
+        out_dir = out if out is not None else checkpoint.parent / "bundle"
+        bundle = export_bundle(checkpoint, out_dir, opset=opset, fp16=fp16, int8=int8,
+                               progress=_progress)
+        typer.echo(summary_table(bundle))
+    except SegclipError as e:
+        _fail(e)
+
+
+@app.command("verify")
+def verify_command(
+    bundle: Annotated[Path, typer.Argument(help="bundle directory")],
+    checkpoint: Annotated[Path, typer.Argument(help="the checkpoint it was exported from")],
+) -> None:
+    """Re-run the ONNX Runtime vs PyTorch parity check of every graph in BUNDLE."""
+    try:
+        from segclip.export.bundle import verify_bundle
+
+        report = verify_bundle(bundle, checkpoint, progress=_progress)
+        for item in report.image:
+            figures = ", ".join(f"{k} {v:.1e}" for k, v in item.max_abs.items())
+            typer.echo(f"{item.file}: max|diff| {figures}; region argmax agreement "
+                       f"{item.argmax_agreement:.3%}")
+        typer.echo(f"{report.text_file}: max|diff| text {report.text_max_abs:.1e}")
+        typer.echo("parity: passed")
+    except SegclipError as e:
+        _fail(e)
+
+
+@app.command("trt")
+def trt_command(
+    bundle: Annotated[Path, typer.Argument(help="bundle directory (from segclip-export onnx)")],
+    fp16: Annotated[bool, typer.Option("--fp16", help="fp16 image engine")] = False,
+    batch: Annotated[str, typer.Option(help="image batch profile MIN:OPT:MAX")] = "1:4:16",
+    labels: Annotated[str, typer.Option(help="text label-count profile MIN:OPT:MAX")]
+    = "1:32:256",
+    workspace: Annotated[float, typer.Option(help="builder workspace, GiB")] = 4.0,
+    timing_cache: Annotated[Path | None, typer.Option("--timing-cache",
+                                                      help="timing cache file to load/save")]
+    = None,
+) -> None:
+    """Build TensorRT engines image.plan and text.plan in BUNDLE for this GPU."""
+    try:
+        from segclip.export.manifest import summary_table
+        from segclip.export.tensorrt_build import Profile, build_engines
+
+        build_engines(bundle, fp16=fp16, batch=Profile.parse(batch, "--batch"),
+                      labels=Profile.parse(labels, "--labels"), workspace_gib=workspace,
+                      timing_cache=timing_cache, progress=_progress)
+        typer.echo(summary_table(bundle))
+    except SegclipError as e:
+        _fail(e)

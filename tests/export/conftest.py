@@ -1,0 +1,50 @@
+"""Export fixtures: one seeded tiny checkpoint and one bundle exported from it per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+SEED = 0
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny-preset checkpoint whose weights depend only on SEED."""
+    import torch
+
+    from segclip.checkpoint import save_checkpoint
+    from segclip.config import ModelConfig
+    from segclip.model import SegCLIP
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        model = SegCLIP(ModelConfig.preset("tiny"))
+    return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "ckpt.pt")
+
+
+@pytest.fixture(scope="session")
+def checkpoint_model(tiny_checkpoint: Path) -> Any:
+    """The model of `tiny_checkpoint`, eval mode (read-only: tests must not edit it)."""
+    from segclip.checkpoint import load_checkpoint
+
+    return load_checkpoint(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tiny_checkpoint` exported once with the fp16 variant (default opset, verified);
+    read-only: tests that modify a bundle copy it first."""
+    from segclip.export import export_bundle
+
+    return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("export") / "bundle",
+                         fp16=True)
+
+
+@pytest.fixture(scope="session")
+def manifest(bundle: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads((bundle / "segclip.json").read_text())
