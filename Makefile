@@ -15,5 +15,10 @@ install: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
+# The pipeline end to end on the synthetic world: export the shipped demo model, segment the
+# held-out eval set with segclip-run, print mIoU (segclip/demo.py). TRAIN=1 trains it first.
+demo: $(VENV)/.installed
+	$(PY) -m segclip.demo $(if $(filter 1,$(TRAIN)),--train)
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check segclip export runtime bench tests

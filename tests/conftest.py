@@ -130,3 +130,21 @@ def synth_world(tmp_path_factory: pytest.TempPathFactory) -> Any:
     generate(SynthConfig(num=48, val_num=4, eval_num=4, seed=SEED), root)
     build_cache(root, progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_model() -> Any:
+    """The seeded tiny SegCLIP that `tiny_bundle` is exported from (eval mode, read-only)."""
+    from segclip.config import ModelConfig
+
+    return build_tiny_model(ModelConfig.preset("tiny"), seed=SEED).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_bundle_model: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """`tiny_bundle_model` exported once per session (fp32 + fp16 image graphs, verified) for the
+    runtime and CLI tests. Read-only: tests that edit a bundle copy it first."""
+    from segclip.export import export_model
+
+    return export_model(tiny_bundle_model, tmp_path_factory.mktemp("runtime") / "bundle",
+                        fp16=True)

@@ -1,0 +1,118 @@
+"""Backend registry (DESIGN.md "Layout and packages"): pick the engine that runs a bundle.
+
+`create_backend(bundle, device)`:
+- "cpu": ONNX Runtime on the CPU.
+- "cuda": TensorRT when the bundle has engines and tensorrt + cuda-python + a GPU are present,
+  else ONNX Runtime's CUDA execution provider; neither -> `BackendUnavailableError`.
+- "auto": TensorRT if possible, else ONNX Runtime CUDA if this onnxruntime has it, else CPU.
+A TensorRT engine built by another TensorRT version or GPU is refused (`EngineError` with the
+rebuild command) rather than skipped, in every mode. A path to `image.plan` asks for TensorRT
+(and never falls back); a path to an `image*.onnx` asks for ONNX Runtime with that graph.
+The TensorRT module (tensorrt, cuda-python) is imported only here, inside the function that
+selects it (STYLE.md "Optional heavy dependencies").
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+from segclip.runtime.backends.base import Backend, ImageOutputs
+from segclip.runtime.backends.onnxruntime import GPU_INSTALL, OnnxRuntimeBackend, cuda_available
+from segclip.runtime.bundle import Bundle, EngineFacts
+from segclip.runtime.errors import BackendUnavailableError, EngineError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+__all__ = ["DEVICES", "Backend", "ImageOutputs", "create_backend"]
+
+
+def _engine_facts(device_id: int) -> EngineFacts | str:
+    """This machine's TensorRT version and GPU, or why TensorRT cannot run here."""
+    try:
+        from segclip.runtime.backends import tensorrt as trt_backend
+    except (ImportError, OSError) as e:  # OSError: a shared library of TensorRT/CUDA missing
+        return f"TensorRT or cuda-python is not installed ({e})"
+    try:
+        return trt_backend.present_facts(device_id)
+    except EngineError as e:
+        return f"no usable CUDA GPU ({e})"
+
+
+def _tensorrt(bundle: Bundle, device_id: int, threads: int | None, required: bool,
+              ) -> Backend | str:
+    """The TensorRT backend, or (when not `required`) the reason it cannot run here."""
+    facts = _engine_facts(device_id)
+    if isinstance(facts, str):
+        if required:
+            raise BackendUnavailableError(
+                f"{bundle.engine('image').path.name} needs TensorRT on a CUDA GPU, but {facts}; "
+                f"install {GPU_INSTALL} on a machine with an NVIDIA GPU, or pass the bundle "
+                f"directory / image.onnx to run with ONNX Runtime")
+        return facts
+    for tower in bundle.engines:
+        bundle.check_engine(tower, facts)  # refuse foreign engines before deserialising them
+    from segclip.runtime.backends.tensorrt import TensorRTBackend
+
+    text = None
+    if "text" not in bundle.engines:
+        device = "cuda" if cuda_available() else "cpu"
+        text = OnnxRuntimeBackend(bundle, device, threads=threads, device_id=device_id,
+                                  image=False)
+    return TensorRTBackend(bundle, device_id=device_id, text_backend=text, facts=facts)
+
+
+def create_backend(bundle: str | os.PathLike | Bundle, device: str = "auto",
+                   variant: str | None = None, threads: int | None = None,
+                   device_id: int = 0) -> Backend:
+    """The backend that runs `bundle` on `device` (module docstring).
+
+    Args:
+        variant: image graph for ONNX Runtime: "fp32", "fp16" or "int8" (None: the file the
+            bundle was opened through, else TensorRT's engine where it runs, else fp32).
+        threads: ONNX Runtime intra-op threads (None: its default).
+    Raises:
+        BackendUnavailableError: the device asked for cannot be used here (install command).
+        EngineError: a TensorRT engine from another TensorRT/GPU, or a CUDA session that fell
+            back to the CPU.
+        BundleError: the bundle is broken or lacks the requested graph.
+    """
+    bundle = Bundle.open(bundle)
+    if device not in DEVICES:
+        raise EngineError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    requested = bundle.requested_engine
+    variant = variant or bundle.requested_variant
+    if requested == "tensorrt":
+        if device == "cpu":
+            raise BackendUnavailableError(
+                f"{bundle.engine('image').path.name} is a TensorRT engine and runs on CUDA only; "
+                f"pass the bundle directory or {bundle.root / 'image.onnx'} to run on the CPU")
+        return _tensorrt(bundle, device_id, threads, required=True)
+    if device == "cpu":
+        return OnnxRuntimeBackend(bundle, "cpu", variant or "fp32", threads, device_id)
+    reason = "the bundle has no TensorRT engines"
+    if requested is None and variant is None and "image" in bundle.engines:
+        backend = _tensorrt(bundle, device_id, threads, required=False)
+        if not isinstance(backend, str):
+            return backend
+        reason = backend
+    if device == "cuda":
+        if not cuda_available():
+            raise BackendUnavailableError(
+                f"device 'cuda' is not available: TensorRT: {reason}; ONNX Runtime: this "
+                f"onnxruntime has no CUDAExecutionProvider. On a machine with an NVIDIA GPU "
+                f"install the GPU extra ({GPU_INSTALL}), or use device 'cpu'")
+        return OnnxRuntimeBackend(bundle, "cuda", variant or "fp32", threads, device_id)
+    if cuda_available():
+        try:
+            return OnnxRuntimeBackend(bundle, "cuda", variant or "fp32", threads, device_id)
+        except (EngineError, BackendUnavailableError) as e:
+            warnings.warn(f"device 'auto': ONNX Runtime CUDA is installed but unusable ({e}); "
+                          f"running on the CPU", RuntimeWarning, stacklevel=2)
+    return OnnxRuntimeBackend(bundle, "cpu", variant or "fp32", threads, device_id)
+
+
+def backend_label(backend: Any) -> str:
+    """Short description for tables and JSON: 'onnxruntime/CPUExecutionProvider'."""
+    return f"{backend.name}/{backend.provider}"

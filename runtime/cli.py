@@ -1,0 +1,78 @@
+"""`segclip-run`: segment images with a bundle (DESIGN.md "Command contracts").
+
+    segclip-run --engine bundle/ --labels labels.txt photos/ extra.jpg
+    segclip-run --engine bundle/image.plan --labels labels.txt --out out/run --device cuda img.png
+
+Writes OUT/NAME.png, OUT/NAME_overlay.jpg and OUT/NAME.json per image (see
+`segclip.runtime.runner`), a progress bar on stderr, and a summary table on stdout. A user error
+(missing or corrupt file, empty labels, unusable device, engine/GPU mismatch) before the first
+image prints one line on stderr and exits with code 2, writing nothing. An unreadable image
+among several is reported on one line and skipped; the others are processed and the command
+exits with code 2 after the summary. Thin typer wrapper over `runner.run_images`.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, NoReturn, Optional
+
+import typer
+
+from segclip.errors import SegclipError
+
+DEFAULT_MAX_PIXELS = 100_000_000  # = segclip.runtime.images.DEFAULT_MAX_PIXELS (kept import-free)
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+                  help="Segment images with a segclip bundle (ONNX Runtime or TensorRT).")
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def _fail(error: SegclipError) -> NoReturn:
+    typer.echo(f"error: {' '.join(str(error).split())}", err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def main(
+    images: Annotated[list[Path], typer.Argument(
+        metavar="IMAGE|DIR...", help="Image files, or folders of images (one level deep).")],
+    engine: Annotated[Path, typer.Option(
+        "--engine", help="Bundle directory, or its image.onnx / image.fp16.onnx / image.plan.")],
+    labels: Annotated[Path, typer.Option(
+        "--labels", help="Labels file: one label per line (# comments); label i is value i.")],
+    threshold: Annotated[Optional[float], typer.Option(
+        "--threshold", help="Background threshold in 0..1 (default: the bundle's).")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("out/run"),
+    device: Annotated[Device, typer.Option(
+        "--device", help="auto: TensorRT, else ONNX Runtime CUDA, else CPU.")] = Device.auto,
+    skip_existing: Annotated[bool, typer.Option(
+        "--skip-existing", help="Skip images whose .png, _overlay.jpg and .json all exist.")
+    ] = False,
+    max_pixels: Annotated[int, typer.Option(
+        "--max-pixels", help="Refuse images with more pixels.")] = DEFAULT_MAX_PIXELS,
+    progress: Annotated[bool, typer.Option("--progress/--quiet", help="Progress bar.")] = True,
+) -> None:
+    """Segment IMAGE|DIR... into the labels of --labels; write label maps, overlays and JSON."""
+    try:
+        from segclip.runtime.runner import run_images
+
+        report = run_images(engine, labels, images, out, threshold=threshold,
+                            device=device.value, skip_existing=skip_existing,
+                            max_pixels=max_pixels, progress=progress)
+    except SegclipError as e:
+        _fail(e)
+    typer.echo(report.table())
+    if report.failed:
+        typer.echo(f"error: {len(report.failed)} of {report.total} images failed (listed above)",
+                   err=True)
+        raise typer.Exit(code=2)
+
+
+if __name__ == "__main__":
+    app()

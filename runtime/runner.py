@@ -1,0 +1,244 @@
+"""The batch run behind `segclip-run` (DESIGN.md "Command contracts"): images in, result files out.
+
+For each input image, `OUT/NAME.png` (label map: 0 background, i = i-th label; palette PNG up to
+255 labels), `OUT/NAME_overlay.jpg` (tinted image + legend) and `OUT/NAME.json` (labels, image
+size, per-label pixel counts and fractions summing to 1 with background, timings, backend). Each
+file is written atomically and the JSON last, so a complete triple is recognisable and
+`skip_existing` skips exactly the images whose triple exists.
+
+Everything that can be checked up front is checked before OUT is touched: the inputs exist, the
+labels file is valid, the bundle opens and its engines load on the device. A bad image among
+many does not stop the run: its error is reported (one line), any file already written for it is
+removed, the other images are processed, and the run ends with `failed` set, which the CLI turns
+into exit code 2 after the summary.
+
+Output names: the image's file stem with characters outside letters, digits, `_`, `-` and `.`
+replaced by `_` and leading dots dropped, so a name never leaves OUT or hides; two inputs with the
+same name (from different folders) get `_2`, `_3`, ... in input order, which is stable, so a
+second run finds the same names. Folders are scanned one level deep, in sorted order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from segclip.runtime._atomic import atomic_write_bytes
+from segclip.runtime.errors import ImageError, OutputError, RuntimeSegclipError
+from segclip.runtime.images import DEFAULT_MAX_PIXELS, load_image
+from segclip.runtime.visualize import write_label_png, write_overlay_jpeg
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+OVERLAY_SUFFIX = "_overlay.jpg"
+MAX_NAME = 120  # characters of an output name (before the collision suffix)
+STAGE_KEYS = ("load", "preprocess", "image", "text", "assign", "total")
+
+
+@dataclass(frozen=True)
+class RunItem:
+    """One input image and the three files it produces."""
+
+    source: Path
+    name: str
+    out: Path
+
+    @property
+    def label_png(self) -> Path:
+        return self.out / f"{self.name}.png"
+
+    @property
+    def overlay(self) -> Path:
+        return self.out / f"{self.name}{OVERLAY_SUFFIX}"
+
+    @property
+    def json(self) -> Path:
+        return self.out / f"{self.name}.json"
+
+    @property
+    def files(self) -> tuple[Path, Path, Path]:
+        return self.label_png, self.overlay, self.json  # the JSON last: it marks completion
+
+    def complete(self) -> bool:
+        return all(path.is_file() for path in self.files)
+
+
+@dataclass
+class RunReport:
+    """What a run did: counts, per-image timings, failures, and the backend used."""
+
+    out: Path
+    backend: str = ""
+    backend_info: dict[str, Any] = field(default_factory=dict)
+    total: int = 0
+    processed: int = 0
+    skipped: int = 0
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+    timings: list[dict[str, float]] = field(default_factory=list)
+
+    def mean_ms(self, stage: str = "total") -> float:
+        values = [t.get(stage, 0.0) for t in self.timings]
+        return sum(values) / len(values) if values else float("nan")
+
+    def table(self) -> str:
+        """The summary printed at the end of `segclip-run`."""
+        info = self.backend_info
+        engine = ", ".join(str(info[k]) for k in ("image", "variant", "precision") if k in info)
+        header = ["images", "done", "skipped", "failed", "mean ms", "backend"]
+        row = [str(self.total), str(self.processed), str(self.skipped), str(len(self.failed)),
+               f"{self.mean_ms():.1f}" if self.timings else "-",
+               f"{self.backend} ({engine})" if engine else self.backend]
+        widths = [max(len(a), len(b)) for a, b in zip(header, row)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()
+                 for line in (header, row)]
+        if self.timings:
+            stages = " | ".join(f"{k} {self.mean_ms(k):.1f}" for k in STAGE_KEYS)
+            lines.append(f"mean ms per image: {stages}")
+        lines.append(f"results in {self.out}")
+        return "\n".join(lines)
+
+
+def collect_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Image files named directly, and those one level inside named folders (sorted)."""
+    if not inputs:
+        raise ImageError("no images given; pass image files or folders of images")
+    found: list[Path] = []
+    seen: set[Path] = set()
+    for raw in inputs:
+        path = Path(raw)
+        if not path.exists():
+            raise ImageError(f"input {path} does not exist; pass image files or folders")
+        if path.is_dir():
+            members = sorted(p for p in path.iterdir() if p.is_file()
+                             and not p.name.startswith(".")
+                             and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not members:
+                raise ImageError(f"folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
+                                 f"pass a folder of images or image files")
+        else:
+            members = [path]
+        for member in members:
+            key = member.resolve()
+            if key not in seen:
+                seen.add(key)
+                found.append(member)
+    return found
+
+
+def sanitize_name(stem: str) -> str:
+    """A safe output name for an image stem: no separators, no leading dots, not empty."""
+    name = re.sub(r"[^\w.\-]+", "_", stem).lstrip(".")
+    name = name[:MAX_NAME].rstrip(".") or "image"
+    return name
+
+
+def plan_outputs(images: Sequence[Path], out: Path) -> list[RunItem]:
+    """One `RunItem` per image, names made unique (case-insensitively) in input order."""
+    taken: set[str] = set()
+    inputs = {p.resolve() for p in images}
+    items = []
+    for image in images:
+        base = sanitize_name(image.stem)
+        name, counter = base, 1
+        while True:
+            item = RunItem(image, name, out)
+            clash = name.casefold() in taken or any(
+                path.resolve() in inputs for path in item.files)  # never overwrite an input
+            if not clash:
+                break
+            counter += 1
+            name = f"{base}_{counter}"
+        taken.add(name.casefold())
+        items.append(item)
+    return items
+
+
+def _write_result(item: RunItem, image: Any, result: Any, extra: dict[str, Any]) -> None:
+    write_label_png(item.label_png, result.label_map, len(result.labels))
+    write_overlay_jpeg(item.overlay, image, result.label_map, result.labels)
+    payload = {"image": str(item.source), "name": item.name, **result.to_json(), **extra,
+               "files": {"label_map": item.label_png.name, "overlay": item.overlay.name}}
+    try:
+        atomic_write_bytes(item.json, (json.dumps(payload, indent=2, ensure_ascii=False)
+                                       + "\n").encode("utf-8"))
+    except OSError as e:
+        raise OutputError(f"cannot write {item.json}: {e}") from e
+
+
+def _discard(item: RunItem) -> None:
+    for path in item.files:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def run_images(engine: str | os.PathLike, labels: str | os.PathLike | Sequence[str],
+               inputs: Sequence[str | os.PathLike], out: str | os.PathLike = "out/run",
+               threshold: float | None = None, device: str = "auto",
+               skip_existing: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
+               progress: bool = True, report_error: Callable[[str], None] | None = None,
+               **segmenter_options: Any) -> RunReport:
+    """Segment every input image and write its result triple to `out` (module docstring).
+
+    Args:
+        engine: bundle directory, or its image.onnx / image.fp16.onnx / image.plan.
+        labels: labels file (one per line) or list.
+        report_error: called with one line per failed image (default: stderr).
+        segmenter_options: passed to `Segmenter` (batch_size, cache_dir, threads, ...).
+    Raises:
+        RuntimeSegclipError subclasses for anything wrong before the first image (nothing is
+        written then); per-image errors are collected in `RunReport.failed`.
+    """
+    from tqdm import tqdm
+
+    from segclip.runtime.segmenter import Segmenter
+
+    say = report_error or (lambda line: tqdm.write(line, file=sys.stderr))
+    images = collect_images(inputs)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} exists and is not a directory; choose another path")
+    segmenter = Segmenter(engine, device=device, threshold=threshold, max_pixels=max_pixels,
+                          **segmenter_options)
+    try:
+        names = segmenter.labels(labels)
+        report = RunReport(out=out, backend=segmenter.backend,
+                           backend_info=segmenter.backend_info, total=len(images))
+        items = plan_outputs(images, out)
+        todo = [item for item in items if not (skip_existing and item.complete())]
+        report.skipped = len(items) - len(todo)
+        if todo:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise OutputError(f"cannot create the output folder {out}: {e}") from e
+        extra = {"bundle": str(segmenter.bundle.root), "backend_info": segmenter.backend_info}
+        for item in tqdm(todo, desc="segclip-run", unit="img", disable=not progress,
+                         file=sys.stderr):
+            try:
+                began = time.perf_counter()
+                image = load_image(item.source, max_pixels)  # (H, W, 3) uint8
+                load_ms = (time.perf_counter() - began) * 1e3
+                result = segmenter.segment(image, names)
+                result.timings["load"] = load_ms
+                result.timings["total"] += load_ms
+                _write_result(item, image, result, extra)
+            except RuntimeSegclipError as e:
+                _discard(item)
+                message = " ".join(str(e).split())
+                report.failed.append((item.source, message))
+                where = "" if str(item.source) in message else f"{item.source}: "
+                say(f"error: {where}{message} (skipped; continuing)")
+                continue
+            report.processed += 1
+            report.timings.append(dict(result.timings))
+        return report
+    finally:
+        segmenter.close()

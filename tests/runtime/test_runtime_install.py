@@ -1,0 +1,84 @@
+"""The runtime installs and runs alone (DESIGN.md "Layout and packages": a plain `pip install .`
+is the runtime, without torch). Builds a fresh virtual environment, installs this checkout
+without extras (pip fetches the core dependencies from the package index), and segments an image
+with the tiny bundle there, through the Python API and through `segclip-run`. Slow (about a
+minute, mostly downloads), but part of the default test run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run(args: list[str], timeout: int = 900, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kwargs)
+    assert result.returncode == 0, f"{args} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def copy_checkout(target: Path) -> Path:
+    """The files git would ship (tracked + untracked-not-ignored), without .venv or builds."""
+    listed = run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                 cwd=REPO).stdout.split("\0")
+    for name in filter(None, listed):
+        source = REPO / name
+        if source.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+    return target
+
+
+@pytest.fixture(scope="module")
+def runtime_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if shutil.which("git") is None:
+        pytest.skip("git is needed to list the checkout's files")
+    root = tmp_path_factory.mktemp("install")
+    source = copy_checkout(root / "src")
+    env_dir = root / "venv"
+    venv.EnvBuilder(with_pip=True, clear=True).create(env_dir)
+    python = env_dir / "bin" / "python"
+    run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+         str(source)])
+    return env_dir
+
+
+def test_runtime_alone_segments_without_torch(runtime_env: Path, tiny_bundle: Path,
+                                              tmp_path: Path) -> None:
+    python = runtime_env / "bin" / "python"
+    image = np.zeros((80, 120, 3), np.uint8)
+    image[20:60, 30:90] = (200, 30, 30)
+    Image.fromarray(image).save(tmp_path / "image.png")
+    code = (
+        "import importlib.util, json, sys\n"
+        "assert importlib.util.find_spec('torch') is None, 'torch is installed'\n"
+        "from segclip.runtime import Segmenter\n"
+        f"seg = Segmenter({str(tiny_bundle)!r}, device='auto')\n"
+        f"result = seg.segment({str(tmp_path / 'image.png')!r}, ['red square', 'cat'])\n"
+        "assert 'torch' not in sys.modules\n"
+        "print(json.dumps({'shape': list(result.label_map.shape),\n"
+        "                  'max': int(result.label_map.max()),\n"
+        "                  'sum': sum(result.fractions.values()), 'backend': result.backend}))\n")
+    result = run([str(python), "-c", code], timeout=300, cwd=tmp_path)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["shape"] == [80, 120] and report["max"] <= 2
+    assert abs(report["sum"] - 1.0) < 1e-9
+    assert report["backend"] == "onnxruntime/CPUExecutionProvider"
+    (tmp_path / "labels.txt").write_text("red square\ncat\n")
+    cli = runtime_env / "bin" / "segclip-run"
+    run([str(cli), "--engine", str(tiny_bundle), "--labels", str(tmp_path / "labels.txt"),
+         "--out", str(tmp_path / "out"), "--quiet", str(tmp_path / "image.png")],
+        timeout=300, cwd=tmp_path)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "image.json", "image.png", "image_overlay.jpg"]
+    assert sys.executable != str(python)
