@@ -44,6 +44,10 @@ def check_target(out_dir: Path) -> None:
     """Refuse a target that is a file, or a non-empty directory that is not a segclip bundle."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"--out {out_dir} exists and is not a directory; choose another path")
+    parent = next((p for p in out_dir.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ExportError(f"--out {out_dir}: {parent} is a file, not a directory; choose another "
+                          f"path")
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not (out_dir / contract.MANIFEST_FILE).is_file():
             raise ExportError(f"--out {out_dir} is a non-empty directory without "
@@ -85,7 +89,11 @@ def export_model(model: SegCLIP, out_dir: str | Path, opset: int = DEFAULT_OPSET
     onnx_graph.check_opset(opset)
     check_target(out_dir)
     start = time.perf_counter()
-    staging = make_staging_dir(out_dir)
+    try:
+        staging = make_staging_dir(out_dir)
+    except OSError as e:  # e.g. a parent of --out is a file, or no permission
+        raise ExportError(f"cannot create the bundle directory {out_dir}: {e}; choose another "
+                          f"--out") from e
     try:
         with _export_copy(model) as eval_model:
             files, parity = _write_graphs(eval_model, staging, opset, fp16, int8, verify, say)
@@ -155,6 +163,28 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, opset: int = DEFA
                         source=source, progress=progress)
 
 
+def _check_bundle_graphs(bundle_dir: Path, manifest: dict[str, Any], model: SegCLIP,
+                         images: dict[str, str]) -> None:
+    """The export-time graph checks on the bundle's files, so that a damaged or foreign graph
+    is an ExportError naming the file, not an ONNX Runtime failure inside the parity run."""
+    opset = manifest.get("export", {}).get("opset")
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise ExportError(f"{bundle_dir / contract.MANIFEST_FILE} does not record the export "
+                          f"opset (export.opset = {opset!r}); re-export the bundle")
+    graphs = [(name, onnx_graph.image_specs(model)) for name in images.values()]
+    graphs.append((manifest["files"]["text"], onnx_graph.text_specs(model)))
+    for name, (inputs, outputs) in graphs:
+        try:
+            onnx_graph.check_graph(bundle_dir / name, opset, inputs, outputs)
+        except ExportError as e:
+            raise ExportError(f"{bundle_dir / name} does not match the checkpoint's graph "
+                              f"contract: {e}; re-export the bundle") from e
+        except Exception as e:  # onnx raises protobuf/IO errors of its own on damaged files
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ExportError(f"{bundle_dir / name} is not a readable ONNX graph ({first}); "
+                              f"the bundle is damaged: re-export it") from e
+
+
 def verify_bundle(bundle_dir: str | Path, checkpoint: str | Path,
                   progress: Progress | None = None) -> ParityReport:
     """Re-run the parity check of every image graph and the text graph of a bundle against the
@@ -177,10 +207,10 @@ def verify_bundle(bundle_dir: str | Path, checkpoint: str | Path,
     model = model_from_payload(payload, checkpoint).eval()
     files = manifest["files"]
     images = {p: files[key] for p, (key, _) in IMAGE_VARIANTS.items() if key in files}
-    missing = [name for name in (*images.values(), files["text"])
-               if not (bundle_dir / name).is_file()]
+    missing = [name for name in files.values() if not (bundle_dir / name).is_file()]
     if missing:
         raise ExportError(f"{bundle_dir} lacks {missing} listed in {contract.MANIFEST_FILE}; "
                           f"re-export it with segclip-export onnx")
+    _check_bundle_graphs(bundle_dir, manifest, model, images)
     say(f"checking parity of {sorted(images.values())} and {files['text']} with PyTorch")
     return require_parity(measure_parity(model, bundle_dir, images, files["text"]))

@@ -76,6 +76,9 @@ def build_manifest(config: ModelConfig, logit_scale: float, files: dict[str, str
 def read_manifest(bundle_dir: Path) -> dict[str, Any]:
     """Load and check `segclip.json` of `bundle_dir` (format, version, files)."""
     path = bundle_dir / contract.MANIFEST_FILE
+    if bundle_dir.is_file():
+        raise ExportError(f"{bundle_dir} is a file, not a segclip bundle: pass the bundle "
+                          f"directory made by segclip-export onnx")
     if not bundle_dir.is_dir():
         raise ExportError(f"bundle directory not found: {bundle_dir}")
     if not path.is_file():
@@ -93,6 +96,10 @@ def read_manifest(bundle_dir: Path) -> dict[str, Any]:
                           f"(expected {contract.BUNDLE_VERSION}); re-export with this segclip")
     if not isinstance(manifest.get("files"), dict) or "text" not in manifest["files"]:
         raise ExportError(f"{path} lacks its 'files' table; re-export the bundle")
+    for key, name in manifest["files"].items():  # never read or write outside the bundle
+        if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+            raise ExportError(f"{path}: files.{key} must be a plain file name inside the bundle, "
+                              f"got {name!r}; re-export the bundle")
     return manifest
 
 

@@ -69,8 +69,9 @@ def main(
         _fail(e)
     typer.echo(report.table())
     if report.failed:
-        typer.echo(f"error: {len(report.failed)} of {report.total} images failed (listed above)",
-                   err=True)
+        if report.total > 1:  # one image: its own error line is the one line
+            typer.echo(f"error: {len(report.failed)} of {report.total} images failed (listed "
+                       f"above)", err=True)
         raise typer.Exit(code=2)
 
 

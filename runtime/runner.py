@@ -38,6 +38,7 @@ from segclip.runtime.visualize import write_label_png, write_overlay_jpeg
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 OVERLAY_SUFFIX = "_overlay.jpg"
 MAX_NAME = 120  # characters of an output name (before the collision suffix)
+MAX_NAME_BYTES = 200  # its UTF-8 bytes: "_overlay.jpg", "_N" and the temp file's affixes fit 255
 STAGE_KEYS = ("load", "preprocess", "image", "text", "assign", "total")
 
 
@@ -134,7 +135,10 @@ def collect_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
 def sanitize_name(stem: str) -> str:
     """A safe output name for an image stem: no separators, no leading dots, not empty."""
     name = re.sub(r"[^\w.\-]+", "_", stem).lstrip(".")
-    name = name[:MAX_NAME].rstrip(".") or "image"
+    name = name[:MAX_NAME]
+    while len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        name = name[:-1]
+    name = name.rstrip(".") or "image"
     return name
 
 

@@ -11,13 +11,14 @@ import hashlib
 import os
 import pickle
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from segclip.config import ModelConfig
-from segclip.errors import CheckpointError, ConfigError
+from segclip.errors import CheckpointError, ConfigError, WriteError
 from segclip.model import SegCLIP
 
 CKPT_FORMAT = "segclip-ckpt"
@@ -26,18 +27,29 @@ RECONSTRUCTION_PREFIX = "reconstruction."
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """`torch.save` to a temp file in the target directory, fsync, then rename over `path`."""
+    """`torch.save` to a temp file in the target directory, fsync, then rename over `path`.
+
+    Raises:
+        WriteError: the file cannot be written (an OSError: path is a directory, a parent is a
+            file, no permission, disk full); nothing is left behind.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise WriteError(f"cannot write {path}: {e.strerror or e} ({e.filename or path.parent}); "
+                         f"choose another output path") from e
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise WriteError(f"cannot write {path}: {e}") from e
         raise
     return path
 
@@ -72,7 +84,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint is empty (0 bytes): {path}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. torch's TorchScript notice: stderr stays one line
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # torch wraps every weights-only failure in this type; garbage bytes show up as an
         # "Unsupported operand", a forbidden object as an "Unsupported global"/class.

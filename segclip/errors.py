@@ -25,3 +25,8 @@ class DataError(SegclipError, ValueError):
 
 class MissingDependencyError(SegclipError, ImportError):
     """An optional dependency is not installed; the message gives the install command."""
+
+
+class WriteError(SegclipError, OSError):
+    """An output file cannot be written (the path is a directory, a parent is a file, no
+    permission, disk full); the message names the path."""

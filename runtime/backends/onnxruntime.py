@@ -28,6 +28,7 @@ from segclip.runtime.errors import BackendUnavailableError, BundleError, EngineE
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 GPU_INSTALL = "pip install 'segclip[gpu]'"
+TEXT_CHUNK = 256  # labels per text-graph call
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16",
               "tensor(double)": "float64", "tensor(int64)": "int64", "tensor(int32)": "int32"}
 
@@ -143,9 +144,14 @@ class OnnxRuntimeBackend:
 
     def run_text(self, tokens: np.ndarray) -> np.ndarray:
         tokens = np.ascontiguousarray(tokens, dtype=self._token_dtype)  # (T, C)
-        (text,) = self._run(self._text, {contract.TEXT_INPUT: tokens}, [contract.TEXT_OUTPUT])
-        return check_text_output(np.asarray(text, np.float32), tokens.shape[0],
-                                 self.bundle.embed_dim, self._text_file)
+        parts = []  # in chunks: activations grow with T (10,000 labels at once take GBs)
+        for start in range(0, tokens.shape[0], TEXT_CHUNK):
+            feeds = {contract.TEXT_INPUT: tokens[start:start + TEXT_CHUNK]}  # (<= chunk, C)
+            (text,) = self._run(self._text, feeds, [contract.TEXT_OUTPUT])
+            parts.append(np.asarray(text, np.float32))
+        text = (np.concatenate(parts) if parts
+                else np.zeros((0, self.bundle.embed_dim), np.float32))  # (T, D)
+        return check_text_output(text, tokens.shape[0], self.bundle.embed_dim, self._text_file)
 
     def info(self) -> dict[str, Any]:
         return {"backend": self.name, "device": self.device, "provider": self.provider,

@@ -8,6 +8,7 @@ OpenAI CLIP downloads) through the restricted reader in `_torchscript`. Wrappers
 from __future__ import annotations
 
 import pickle
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -57,7 +58,9 @@ def read_state_dict(path: str | Path, what: str = "weights") -> dict[str, torch.
 
 def _torch_load(path: Path, what: str) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # keep stderr to the one error line
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         detail = _unpickler_detail(e)
         if "Unsupported global" not in detail:
@@ -68,7 +71,7 @@ def _torch_load(path: Path, what: str) -> Any:
             f"build, which may run arbitrary code ({detail.split(' was not')[0]}); segclip "
             f"loads tensors and plain data only (torch.load weights_only=True). Re-save the "
             f"{what} weights as a plain state dict of tensors") from e
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+    except Exception as e:  # the weights-only unpickler raises KeyError, IndexError... on garbage
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConversionError(f"cannot read {what} file {path}: truncated or not a torch file "
                               f"({first})") from e

@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import tarfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -32,6 +33,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 IMAGE_COLUMNS = ("image", "filepath")
 CAPTION_COLUMNS = ("caption", "title")
 SUPERPIXEL_DIR = "superpixels"
+MAX_PIXELS = 100_000_000  # = segclip.runtime.images.DEFAULT_MAX_PIXELS (decompression bombs)
 
 
 @dataclass(frozen=True)
@@ -68,21 +70,32 @@ class PairSource:
         return list(dict.fromkeys(pair.image for pair in self.pairs))
 
 
+def _decode(image: Image.Image, ref: ImageRef) -> Image.Image:
+    """RGB pixels of an opened image, refused from its header when it is too large."""
+    if image.width * image.height > MAX_PIXELS:
+        raise DataError(f"image {ref.describe()} has {image.width}x{image.height} pixels, over "
+                        f"the limit of {MAX_PIXELS:,}; downscale it or drop it from the data")
+    return image.convert("RGB")
+
+
 def read_image(ref: ImageRef) -> Image.Image:
-    """Decode an image as RGB; a missing, truncated or corrupt one raises `DataError` naming it."""
+    """Decode an image as RGB; a missing, truncated, corrupt or too large (`MAX_PIXELS`, checked
+    before decoding) one raises `DataError` naming it."""
     try:
-        if ref.member:
-            with open(ref.path, "rb") as shard:
-                shard.seek(ref.offset)
-                data = shard.read(ref.size)
-            if len(data) != ref.size:
-                raise DataError(
-                    f"image {ref.describe()} is truncated: {len(data)} of {ref.size} bytes"
-                )
-            with Image.open(io.BytesIO(data)) as image:
-                return image.convert("RGB")
-        with Image.open(ref.path) as image:
-            return image.convert("RGB")
+        with warnings.catch_warnings():  # Pillow's bomb warning: our limit is lower
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if ref.member:
+                with open(ref.path, "rb") as shard:
+                    shard.seek(ref.offset)
+                    data = shard.read(ref.size)
+                if len(data) != ref.size:
+                    raise DataError(
+                        f"image {ref.describe()} is truncated: {len(data)} of {ref.size} bytes"
+                    )
+                with Image.open(io.BytesIO(data)) as image:
+                    return _decode(image, ref)
+            with Image.open(ref.path) as image:
+                return _decode(image, ref)
     except DataError:
         raise
     except FileNotFoundError as e:
