@@ -22,11 +22,11 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
+
+    from segclip import ModelConfig, SegCLIP, save_checkpoint
     from segclip.export.bundle import export_bundle
     from segclip.export.manifest import summary_table
     from segclip.export.parity import measure_parity
-
-    from segclip import ModelConfig, SegCLIP, save_checkpoint
 
     args.work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)

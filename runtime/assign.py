@@ -70,9 +70,12 @@ def region_scores(regions: np.ndarray, global_: np.ndarray, text: np.ndarray,
     if text.ndim != 2 or text.shape[0] < 1 or text.shape[1] != regions.shape[-1]:
         raise ValueError(f"text must be (T, D) with T >= 1 and D = {regions.shape[-1]} (the "
                          f"regions' width), got shape {text.shape}")
-    logits = logit_scale * (regions @ text.T)  # (..., L, T)
+    # einsum, not `@`: these products are tiny, and a multi-threaded BLAS call costs more in
+    # thread wake-ups (ms on a busy machine) than the arithmetic (us).
+    logits = logit_scale * np.einsum("...ld,td->...lt", regions, text)  # (..., L, T)
     prior = _softmax(logits)  # (..., L, T)
-    global_logits = np.asarray(global_, dtype=np.float32) @ text.T  # (..., T)
+    global_logits = np.einsum("...d,td->...t", np.asarray(global_, dtype=np.float32),
+                              text)  # (..., T)
     k = min(top_k, text.shape[0])
     order = np.argsort(-global_logits, axis=-1, kind="stable")[..., :k]  # (..., k)
     keep = np.zeros(global_logits.shape, dtype=bool)  # (..., T)

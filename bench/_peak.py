@@ -1,0 +1,96 @@
+"""Measured matrix-multiply peak of this machine: the roofline's ceiling (bench/latency.py).
+
+CPU: square float32 GEMMs with torch (oneDNN/MKL) and numpy (its BLAS), both on the benchmark's
+thread count; the peak is the best median rate of the two. GPU: torch GEMMs in fp16, bf16, tf32
+and strict fp32 timed with CUDA events. Measured, not the datasheet: the fraction reported beside
+a tower's rate says how close it got to what a GEMM gets on the same cores in the same run.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+CPU_SIZE = 2048  # 17 GFLOP per product: ~0.1 s on 2 cores, far past cache-bound sizes
+GPU_SIZE = 8192
+REPEATS = 8
+
+
+def _rate(flops: float, seconds: list[float]) -> dict[str, float]:
+    return {"median_gflops": flops / float(np.median(seconds)) / 1e9,
+            "best_gflops": flops / min(seconds) / 1e9}
+
+
+def cpu_fp32_peak(threads: int, size: int = CPU_SIZE, repeats: int = REPEATS) -> dict[str, Any]:
+    """fp32 GEMM rates on the CPU; "peak_gflops" is the best median over the libraries."""
+    flops = 2.0 * size ** 3
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
+    out: dict[str, Any] = {"size": size, "threads": threads, "dtype": "float32"}
+    c = np.empty_like(a)
+    for _ in range(2):
+        np.matmul(a, b, out=c)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.matmul(a, b, out=c)
+        times.append(time.perf_counter() - start)
+    out["numpy"] = _rate(flops, times)
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        ta, tb, tc = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(c)
+        for _ in range(2):
+            torch.mm(ta, tb, out=tc)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(ta, tb, out=tc)
+            times.append(time.perf_counter() - start)
+        torch.set_num_threads(previous)
+        out["torch"] = _rate(flops, times)
+    out["peak_gflops"] = max(v["median_gflops"] for k, v in out.items()
+                             if isinstance(v, dict))
+    return out
+
+
+def gpu_peaks(size: int = GPU_SIZE, repeats: int = REPEATS) -> dict[str, Any]:
+    """GEMM rates on CUDA device 0 per precision ({} without a GPU)."""
+    try:
+        import torch
+    except ImportError:
+        return {}
+    if not torch.cuda.is_available():
+        return {}
+    flops = 2.0 * size ** 3
+    out: dict[str, Any] = {"size": size, "device": torch.cuda.get_device_name(0)}
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for name, dtype, allow_tf32 in (("fp16", torch.float16, False),
+                                        ("bf16", torch.bfloat16, False),
+                                        ("tf32", torch.float32, True),
+                                        ("fp32", torch.float32, False)):
+            torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+            a = torch.randn(size, size, device="cuda", dtype=dtype)
+            b = torch.randn(size, size, device="cuda", dtype=dtype)
+            for _ in range(3):
+                torch.mm(a, b)
+            times = []
+            for _ in range(repeats):
+                begin, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                begin.record()
+                torch.mm(a, b)
+                end.record()
+                end.synchronize()
+                times.append(begin.elapsed_time(end) / 1e3)
+            out[name] = _rate(flops, times)
+            del a, b
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return out
