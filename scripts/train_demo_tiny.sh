@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Train the tiny demo model from scratch on the synthetic shapes world and ship it as
+# segclip/assets/demo_tiny.pt (docs/synthetic_results.md: recipe, measurements, commands).
+#
+#   bash scripts/train_demo_tiny.sh            # or: make train-demo
+#   WORK=out/demo NUM=20000 THREADS=1 bash scripts/train_demo_tiny.sh
+#
+# Resumable: rerunning continues an interrupted training run in $WORK/run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+WORK=${WORK:-out/demo}
+NUM=${NUM:-20000}          # training pairs of the synthetic world (val/eval do not depend on it)
+THREADS=${THREADS:-1}      # one intra-op thread: the tiny model is fastest that way on a small CPU
+ASSET=${ASSET:-segclip/assets/demo_tiny.pt}
+export OMP_NUM_THREADS=$THREADS
+
+if [ ! -f "$WORK/world/synth.json" ]; then
+    $PY -m segclip.cli.data synth "$WORK/world" --num "$NUM" --quiet
+fi
+$PY -m segclip.cli.data superpixels "$WORK/world" --quiet
+
+resume=()
+[ -f "$WORK/run/train_state.pt" ] && resume=(--resume)
+$PY -m segclip.cli.train --config tiny --recipe synth --data "$WORK/world" --out "$WORK/run" \
+    --threads "$THREADS" "${resume[@]}"
+
+$PY -m segclip.cli.evaluate "$WORK/run/ckpt.pt" --data "$WORK/world/eval" --diagnostics \
+    --out "$WORK/eval.json" --quiet
+$PY - "$WORK/run/ckpt.pt" "$ASSET" <<'PYEOF'
+import sys
+
+from segclip.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+
+source, target = sys.argv[1], sys.argv[2]
+meta = dict(read_checkpoint(source)["meta"])
+meta.pop("train_config", None)
+meta.update({"source": "scripts/train_demo_tiny.sh", "recipe": "synth"})
+path = save_checkpoint(load_checkpoint(source), target, meta=meta, inference_only=True, half=True)
+print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+PYEOF

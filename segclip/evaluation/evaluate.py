@@ -1,0 +1,180 @@
+"""Zero-shot evaluation of a checkpoint or a bundle on a VOC-layout set (reference §4).
+
+`evaluate(...)` is what `segclip-eval` calls; `evaluate_model(...)` works on a model in memory
+(training uses it for validation). mIoU and IoUs are fractions in [0, 1]; NaN IoUs (class absent
+from both ground truth and prediction) are `None` in the JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from segclip.errors import DataError, SegclipError
+from segclip.evaluation.datasets import ClassList, VocDataset, load_classes
+from segclip.evaluation.metrics import confusion_matrix, iou_per_class, mean_iou
+from segclip.runtime.contract import DEFAULT_THRESHOLD, MANIFEST_FILE
+
+HELD_OUT_FILE = "held_out.txt"
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    miou: float
+    per_class: dict[str, float | None]  # "background" first, then the classes
+    threshold: float
+    num_images: int
+    confusion: np.ndarray = field(repr=False)  # (C, C) rows = ground truth
+    diagnostics: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"miou": self.miou, "per_class": self.per_class,
+                               "threshold": self.threshold, "num_images": self.num_images}
+        if self.diagnostics is not None:
+            out["diagnostics"] = self.diagnostics
+        return out
+
+
+def _result(names: Sequence[str], confusion: np.ndarray, threshold: float, count: int,
+            diagnostics: dict[str, Any] | None = None) -> EvalResult:
+    iou = iou_per_class(confusion)
+    per_class = {name: (None if math.isnan(v) else float(v))
+                 for name, v in zip(("background", *names), iou)}
+    return EvalResult(mean_iou(confusion), per_class, threshold, count, confusion, diagnostics)
+
+
+def evaluate_model(model: Any, dataset: VocDataset, names: Sequence[str], threshold: float,
+                   diagnostics: bool = False, held_out: Sequence[str] = (),
+                   limit: int | None = None, progress: bool = False) -> EvalResult:
+    """Run the protocol of `segclip.evaluation.protocol` with a torch model over `dataset`."""
+    from segclip.evaluation.diagnostics import SynthDiagnostics
+    from segclip.evaluation.protocol import Protocol, encode_labels, predict
+
+    was_training = model.training
+    model.eval()
+    protocol = Protocol(window=model.config.image_size, threshold=threshold)
+    text = encode_labels(model, names, protocol.template)  # (K, E)
+    confusion = np.zeros((len(names) + 1,) * 2, np.int64)
+    extra = SynthDiagnostics(names, held_out) if diagnostics else None
+    count = min(len(dataset), limit) if limit else len(dataset)
+    for index in tqdm(range(count), desc="eval", unit="img", disable=not progress):
+        sample = dataset[index]
+        prediction = predict(model, sample.image, text, protocol)
+        confusion += confusion_matrix(prediction.label_map.numpy(), sample.mask, len(names) + 1)
+        if extra is not None:
+            extra.update(prediction, sample.mask)
+    model.train(was_training)
+    return _result(names, confusion, threshold, count,
+                   extra.summary(confusion) if extra is not None else None)
+
+
+def evaluate_bundle(bundle: Path, dataset: VocDataset, names: Sequence[str],
+                    threshold: float | None, device: str = "cpu", limit: int | None = None,
+                    progress: bool = False) -> EvalResult:
+    """The same protocol through the torch-free runtime (`segclip.runtime.Segmenter`); a None
+    threshold is the bundle's."""
+    try:
+        from segclip.runtime import Segmenter  # lazy: torch-free, optional here
+    except ImportError as e:
+        raise SegclipError(f"cannot evaluate the bundle {bundle}: segclip.runtime.Segmenter is "
+                           f"not available in this install ({e}); evaluate the checkpoint "
+                           "instead or install the runtime") from e
+    segmenter = Segmenter(bundle, device=device, threshold=threshold)
+    confusion = np.zeros((len(names) + 1,) * 2, np.int64)
+    count = min(len(dataset), limit) if limit else len(dataset)
+    for index in tqdm(range(count), desc="eval", unit="img", disable=not progress):
+        sample = dataset[index]
+        label_map = segmenter.segment(sample.image, list(names)).label_map  # (H, W) uint16
+        confusion += confusion_matrix(np.asarray(label_map), sample.mask, len(names) + 1)
+    return _result(names, confusion, segmenter.threshold, count)
+
+
+def find_held_out(data: Path) -> tuple[str, ...]:
+    """`held_out.txt` beside the set or in its parent (the synthetic world's layout), or ()."""
+    for folder in (data, data.parent):
+        path = folder / HELD_OUT_FILE
+        if path.is_file():
+            return tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    return ()
+
+
+def resolve_classes(data: Path, classes: str | Path | None) -> ClassList:
+    """The class list: a preset name or file, else `DATA/classes.txt`."""
+    if classes is not None:
+        return load_classes(classes)
+    default = data / "classes.txt"
+    if not default.is_file():
+        raise DataError(f"no --classes given and {default} does not exist; pass a classes.txt "
+                        "or a preset (voc, context, coco-object)")
+    return load_classes(default)
+
+
+def evaluate(path: str | Path, data: str | Path, classes: str | Path | None = None,
+             threshold: float | None = None, out: str | Path | None = None,
+             diagnostics: bool = False, split: str = "val", device: str = "cpu",
+             limit: int | None = None, progress: bool = False) -> EvalResult:
+    """Evaluate a checkpoint file or a bundle directory; write `out` (JSON) if given.
+
+    The threshold is `threshold`, else the class preset's, else the checkpoint's
+    `meta["threshold"]` (a bundle's manifest threshold), else 0.80 (VOC's).
+    """
+    path, data = Path(path), Path(data)
+    class_list = resolve_classes(data, classes)
+    dataset = VocDataset(data, split)
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise DataError(f"--threshold must be in [0, 1], got {threshold}")
+    if path.is_dir():
+        if not (path / MANIFEST_FILE).is_file():
+            raise DataError(f"{path} is a directory but not a bundle (no {MANIFEST_FILE})")
+        chosen = threshold if threshold is not None else class_list.threshold
+        result = evaluate_bundle(path, dataset, class_list.names, chosen, device, limit, progress)
+    else:
+        import torch
+
+        from segclip.checkpoint import model_from_payload, read_checkpoint
+
+        payload = read_checkpoint(path)
+        model = model_from_payload(payload, path).to(torch.device(device)).eval()
+        chosen = _pick_threshold(threshold, class_list, payload.get("meta", {}))
+        held_out = find_held_out(data) if diagnostics else ()
+        held_out = tuple(n for n in held_out if n in class_list.names)
+        result = evaluate_model(model, dataset, class_list.names, chosen, diagnostics, held_out,
+                                limit, progress)
+    if out is not None:
+        write_json(result.to_json(), out)
+    return result
+
+
+def _pick_threshold(threshold: float | None, classes: ClassList, meta: dict[str, Any]) -> float:
+    if threshold is not None:
+        return float(threshold)
+    if classes.threshold is not None:
+        return classes.threshold
+    if isinstance(meta.get("threshold"), (int, float)):
+        return float(meta["threshold"])
+    return DEFAULT_THRESHOLD
+
+
+def write_json(obj: Any, path: str | Path) -> Path:
+    """Write JSON atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,120 @@
+"""Step-indexed data order for training (reference §3 "Data"; DistributedSampler-like sharding).
+
+A batch is a pure function of (seed, step, rank): the run is split into phases (an optional
+curriculum phase over single-object images, then the main phase over every pair); each phase
+cycles epochs over its pool in the order `segclip.data.pairs.epoch_order(len(pool), seed,
+epoch)`; a global batch of world_size * batch_size consecutive samples is cut, and rank r takes
+its r-th slice. Incomplete batches at an epoch's end are dropped. Resuming at step k therefore
+only needs k. Items are (index, epoch) pairs, which `PairDataset` accepts, so crops are a
+function of (seed, epoch, index) too.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import Sampler
+
+from segclip.data.pairs import PairDataset, epoch_order
+from segclip.errors import DataError
+
+CURRICULUM_EPOCH_OFFSET = 1_000_000  # curriculum epochs draw other crops than the main phase's
+
+
+@dataclass(frozen=True)
+class Phase:
+    pool: np.ndarray  # (P,) dataset indices drawn in this phase
+    steps: int  # steps in this phase
+    epoch_offset: int  # added to the epoch number given to the dataset
+
+
+class StepBatchSampler(Sampler):
+    """Yields this rank's batches for steps [start, total): lists of (index, epoch) pairs."""
+
+    def __init__(self, phases: Sequence[Phase], batch_size: int, world_size: int = 1,
+                 rank: int = 0, seed: int = 42, start: int = 0) -> None:
+        self.phases = tuple(phases)
+        self.batch_size, self.world_size, self.rank = batch_size, world_size, rank
+        self.seed, self.start = seed, start
+        for phase in self.phases:
+            if len(phase.pool) < batch_size * world_size:
+                raise DataError(f"a training phase has {len(phase.pool)} samples, fewer than one "
+                                f"global batch ({world_size} x {batch_size}); lower the batch "
+                                "size or add data")
+
+    @property
+    def total(self) -> int:
+        return sum(phase.steps for phase in self.phases)
+
+    def steps_per_epoch(self, phase: Phase) -> int:
+        return len(phase.pool) // (self.batch_size * self.world_size)
+
+    def batch(self, step: int) -> list[tuple[int, int]]:
+        """This rank's (index, epoch) items at global `step`."""
+        for phase in self.phases:
+            if step < phase.steps:
+                per_epoch = self.steps_per_epoch(phase)
+                epoch, position = divmod(step, per_epoch)
+                order = epoch_order(len(phase.pool), self.seed, epoch + phase.epoch_offset)
+                width = self.batch_size * self.world_size
+                chunk = order[position * width:(position + 1) * width]  # (world*B,)
+                mine = chunk[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+                return [(int(phase.pool[i]), epoch + phase.epoch_offset) for i in mine]
+            step -= phase.steps
+        raise IndexError(f"step {step} is past the end of the data plan")
+
+    def epoch(self, step: int) -> float:
+        """Fractional epoch of the phase `step` is in (for logging)."""
+        for phase in self.phases:
+            if step < phase.steps:
+                return step / self.steps_per_epoch(phase)
+            step -= phase.steps
+        return float("nan")
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return (self.batch(step) for step in range(self.start, self.total))
+
+    def __len__(self) -> int:
+        return self.total - self.start
+
+
+def single_object_pool(dataset: PairDataset) -> np.ndarray:
+    """Indices of the pairs whose image holds one object, from the `meta.jsonl` beside each
+    source's pairs.jsonl (the synthetic world writes it)."""
+    pool: list[int] = []
+    offset = 0
+    for source in dataset.sources:
+        meta_path = Path(source.origin).with_name("meta.jsonl")
+        if not meta_path.is_file():
+            raise DataError(f"curriculum_steps > 0 needs {meta_path} (object counts per image, "
+                            "as `segclip-data synth` writes); set curriculum_steps=0")
+        lines = [line for line in meta_path.read_text().splitlines() if line.strip()]
+        if len(lines) != len(source.pairs):
+            raise DataError(f"{meta_path} has {len(lines)} records for {len(source.pairs)} pairs")
+        pool += [offset + i for i, line in enumerate(lines)
+                 if len(json.loads(line).get("objects", [])) == 1]
+        offset += len(source.pairs)
+    if not pool:
+        raise DataError("curriculum: no single-object images in the training data")
+    return np.asarray(pool, dtype=np.int64)
+
+
+def plan_phases(dataset: PairDataset, steps: int, epochs: int, curriculum_steps: int,
+                batch_size: int, world_size: int) -> list[Phase]:
+    """The phases of a run: curriculum (if any), then `steps` (or `epochs` worth) of the rest."""
+    everything = np.arange(len(dataset), dtype=np.int64)
+    per_epoch = len(dataset) // (batch_size * world_size)
+    main_steps = steps - curriculum_steps if steps else epochs * per_epoch
+    if main_steps <= 0:
+        raise DataError(f"no main-phase steps: steps={steps}, curriculum_steps="
+                        f"{curriculum_steps}, epochs={epochs} x {per_epoch} steps")
+    phases = []
+    if curriculum_steps:
+        phases.append(Phase(single_object_pool(dataset), curriculum_steps,
+                            CURRICULUM_EPOCH_OFFSET))
+    phases.append(Phase(everything, main_steps, 0))
+    return phases
