@@ -83,24 +83,30 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint is empty (0 bytes): {path}")
+    return validate_payload(load_weights_only(path), path)
+
+
+def load_weights_only(path: Path, what: str = "checkpoint", prefix: str = "") -> Any:
+    """`torch.load(weights_only=True)` of `path` with warnings silenced; any failure becomes a
+    one-line CheckpointError starting with `prefix` that names `path` (`what` describes it)."""
     try:
         with warnings.catch_warnings():  # e.g. torch's TorchScript notice: stderr stays one line
             warnings.simplefilter("ignore")
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # torch wraps every weights-only failure in this type; garbage bytes show up as an
         # "Unsupported operand", a forbidden object as an "Unsupported global"/class.
         if "Unsupported operand" not in str(e):
             raise CheckpointError(
-                f"refusing to load {path}: it holds Python objects that only a full unpickle "
-                f"could build (possibly code); segclip loads tensors and plain data only "
+                f"{prefix}refusing to load {path}: it holds Python objects that only a full "
+                f"unpickle could build (possibly code); segclip loads tensors and plain data only "
                 f"(torch.load weights_only=True). Re-save it as a plain state dict.") from e
-        raise CheckpointError(f"cannot read checkpoint {path}: truncated or not a torch file "
-                              f"(corrupt pickle data)") from e
+        raise CheckpointError(f"{prefix}cannot read {what} {path}: truncated or not a torch "
+                              f"file (corrupt pickle data)") from e
     except Exception as e:  # the weights-only unpickler raises KeyError etc. on garbage bytes
-        raise CheckpointError(f"cannot read checkpoint {path}: truncated or not a torch file "
-                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
-    return validate_payload(payload, path)
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{prefix}cannot read {what} {path}: truncated or not a torch "
+                              f"file ({detail})") from e
 
 
 def validate_payload(payload: Any, path: str | os.PathLike) -> dict[str, Any]:
@@ -122,14 +128,18 @@ def validate_payload(payload: Any, path: str | os.PathLike) -> dict[str, Any]:
     return payload
 
 
-def model_from_payload(payload: dict[str, Any], path: str | os.PathLike = "<checkpoint>",
-                       ) -> SegCLIP:
-    """Build the model of a validated checkpoint dict and load its weights strictly."""
+def config_from_payload(payload: dict[str, Any], path: str | os.PathLike = "<checkpoint>",
+                        ) -> ModelConfig:
+    """The model config of a validated checkpoint dict."""
     try:
-        config = ModelConfig.from_dict(payload["config"])
+        return ModelConfig.from_dict(payload["config"])
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{path}: invalid model config: {e}") from e
-    model = SegCLIP(config)
+
+
+def load_payload_weights(model: SegCLIP, payload: dict[str, Any],
+                         path: str | os.PathLike = "<checkpoint>") -> None:
+    """Load a validated checkpoint dict's state dict into `model` strictly."""
     expected = set(model.state_dict())
     given = set(payload["state_dict"])
     missing, unexpected = sorted(expected - given), sorted(given - expected)
@@ -142,6 +152,13 @@ def model_from_payload(payload: dict[str, Any], path: str | os.PathLike = "<chec
     except RuntimeError as e:  # e.g. shape mismatches, one per line after a header line
         detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
         raise CheckpointError(f"{path}: {detail}") from e
+
+
+def model_from_payload(payload: dict[str, Any], path: str | os.PathLike = "<checkpoint>",
+                       ) -> SegCLIP:
+    """Build the model of a validated checkpoint dict and load its weights strictly."""
+    model = SegCLIP(config_from_payload(payload, path))
+    load_payload_weights(model, payload, path)
     return model
 
 

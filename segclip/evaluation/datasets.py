@@ -19,6 +19,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from segclip.errors import DataError
+from segclip.runtime.errors import ImageError
+from segclip.runtime.images import DEFAULT_MAX_PIXELS, load_image
 
 IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg")
 
@@ -123,12 +125,12 @@ class VocDataset:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB."""
+    """(H, W, 3) uint8 RGB, read as `segclip-run` reads images (`segclip.runtime.images`): any
+    mode (16-bit scaled to 8 bits), EXIF orientation applied, the pixel limit checked first."""
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (OSError, UnidentifiedImageError) as e:
-        raise DataError(f"cannot read image {path}: {e}") from e
+        return load_image(Path(path), max_pixels=DEFAULT_MAX_PIXELS)
+    except ImageError as e:
+        raise DataError(str(e)) from e
 
 
 def read_mask(path: str | Path) -> np.ndarray:

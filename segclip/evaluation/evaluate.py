@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from segclip.errors import DataError, SegclipError
+from segclip.errors import DataError, SegclipError, WriteError
 from segclip.evaluation.datasets import ClassList, VocDataset, load_classes
 from segclip.evaluation.metrics import confusion_matrix, iou_per_class, mean_iou
 from segclip.runtime.contract import DEFAULT_THRESHOLD, MANIFEST_FILE
@@ -128,6 +128,8 @@ def evaluate(path: str | Path, data: str | Path, classes: str | Path | None = No
     `meta["threshold"]` (a bundle's manifest threshold), else 0.80 (VOC's).
     """
     path, data = Path(path), Path(data)
+    if out is not None:
+        check_out_file(Path(out))
     class_list = resolve_classes(data, classes)
     dataset = VocDataset(data, split)
     if threshold is not None and not 0.0 <= threshold <= 1.0:
@@ -164,17 +166,38 @@ def _pick_threshold(threshold: float | None, classes: ClassList, meta: dict[str,
     return DEFAULT_THRESHOLD
 
 
+def check_out_file(path: Path) -> None:
+    """Refuse an output file path that is a directory or lies under a file."""
+    if path.is_dir():
+        raise WriteError(f"--out {path} is a directory; pass a file path such as "
+                         f"{path / 'eval.json'}")
+    blocker = next((p for p in path.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise WriteError(f"--out {path} lies under {blocker}, which is a file, not a folder; "
+                         "choose another --out")
+
+
 def write_json(obj: Any, path: str | Path) -> Path:
-    """Write JSON atomically (temp file in the same folder, then rename)."""
+    """Write JSON atomically (temp file in the same folder, then rename).
+
+    Raises:
+        WriteError: `path` is a directory, lies under a file, or cannot be written.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    check_out_file(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise WriteError(f"cannot write {path}: {e.strerror or e}; choose another --out") from e
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2)
             f.write("\n")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise WriteError(f"cannot write {path}: {e.strerror or e}") from e
         raise
     return path

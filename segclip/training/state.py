@@ -4,12 +4,13 @@
 It holds the step, the optimizer and GradScaler state, the skipped-step count, the configs of the
 run and every rank's RNG states stored as tensors (torch CPU/CUDA, numpy, Python `random`). The
 data position is the step itself (`segclip.training.data`). The model weights are `ckpt.pt`
-(written at the same step; both record it and resuming checks they agree).
+(written at the same step; both record it and resuming checks they agree). While a new pair is
+being written, the state that matches the previous `ckpt.pt` is kept as `train_state-STEP.pt`
+(`kept_state_file`), so a kill at any moment leaves a matching pair.
 """
 
 from __future__ import annotations
 
-import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from segclip.checkpoint import atomic_torch_save
+from segclip.checkpoint import atomic_torch_save, load_weights_only
 from segclip.errors import CheckpointError
 
 STATE_FORMAT = "segclip-train-state"
@@ -25,6 +26,14 @@ STATE_VERSION = 1
 STATE_FILE = "train_state.pt"
 CKPT_FILE = "ckpt.pt"
 METRICS_FILE = "metrics.jsonl"
+KEPT_STATE_GLOB = "train_state-*.pt"
+_STATE_KEYS = ("step", "optimizer", "scaler", "rng", "train_config", "model_config", "data",
+               "skipped", "elapsed")
+
+
+def kept_state_file(run: Path, step: int) -> Path:
+    """`RUN/train_state-STEP.pt`: the state of step STEP, kept while a newer pair is written."""
+    return run / f"train_state-{int(step)}.pt"
 
 
 def capture_rng() -> dict[str, torch.Tensor]:
@@ -80,13 +89,14 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"cannot resume: {path} not found (was the run started with "
                               "this --out?)")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot resume: {path} is unreadable or truncated ({e})") from e
+    payload = load_weights_only(path, "train state", prefix="cannot resume: ")
     if not isinstance(payload, dict) or payload.get("format") != STATE_FORMAT:
         raise CheckpointError(f"cannot resume: {path} is not a segclip train state")
     if payload.get("version") != STATE_VERSION:
         raise CheckpointError(f"cannot resume: {path} has version {payload.get('version')!r}, "
                               f"expected {STATE_VERSION}")
+    missing = [key for key in _STATE_KEYS if key not in payload]
+    if missing or not isinstance(payload["rng"], list):
+        raise CheckpointError(f"cannot resume: {path} is not a segclip train state (lacks "
+                              f"{missing or ['rng list']})")
     return payload

@@ -3,8 +3,9 @@
 Per step: set the lr (warmup + half-cosine) and the Gumbel temperature, forward the weighted
 losses (optionally under autocast), skip the step on every rank if any rank's loss is not finite,
 backward, clip the global gradient norm to 1.0 (a non-finite norm also skips the step), AdamW,
-clamp the logit scale. Every `ckpt_every` steps and at the end: `RUN/ckpt.pt` (the checkpoint
-contract, full model) and `RUN/train_state.pt` (`segclip.training.state`), both atomic; every
+clamp the logit scale. Every `ckpt_every` steps and at the end: `RUN/train_state.pt`
+(`segclip.training.state`), then `RUN/ckpt.pt` (the checkpoint contract, full model), both atomic,
+the previous state kept until the new pair is complete; every
 `log_every` steps a line of `RUN/metrics.jsonl`. `resume=True` continues a run exactly: same
 data order (`segclip.training.data`), schedule, optimizer state and RNG streams.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,10 +28,22 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from segclip.checkpoint import read_checkpoint, save_checkpoint
+from segclip.checkpoint import (
+    config_from_payload,
+    load_payload_weights,
+    read_checkpoint,
+    save_checkpoint,
+)
 from segclip.config import ModelConfig
 from segclip.data.pairs import PairDataset, PairsConfig
-from segclip.errors import CheckpointError, ConfigError, MissingDependencyError
+from segclip.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    MissingDependencyError,
+    SegclipError,
+    WriteError,
+)
 from segclip.model import LossWeights, SegCLIP
 from segclip.training.config import TrainConfig
 from segclip.training.data import StepBatchSampler, plan_phases
@@ -45,9 +59,11 @@ from segclip.training.distributed import (
 from segclip.training.optim import build_optimizer, gumbel_tau, lr_factor, set_lr
 from segclip.training.state import (
     CKPT_FILE,
+    KEPT_STATE_GLOB,
     METRICS_FILE,
     STATE_FILE,
     capture_rng,
+    kept_state_file,
     load_train_state,
     restore_rng,
     save_train_state,
@@ -84,6 +100,7 @@ class _Run:
     skipped: int
     elapsed: float
     recipe: str
+    saved_step: int | None  # the step of the ckpt.pt on disk (None before the first save)
 
 
 def train(model_config: ModelConfig | None, config: TrainConfig | None,
@@ -108,26 +125,61 @@ def train(model_config: ModelConfig | None, config: TrainConfig | None,
         shutdown(info)
 
 
-def _stored_configs(out: Path, model_config: ModelConfig | None, config: TrainConfig | None,
-                    ) -> tuple[dict[str, Any], ModelConfig, TrainConfig]:
-    state = load_train_state(out / STATE_FILE)
-    stored_model = ModelConfig.from_dict(state["model_config"])
-    stored_train = TrainConfig.from_dict(state["train_config"])
+def _resume_files(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The checkpoint of `out` and the train state of the same step."""
+    ckpt = out / CKPT_FILE
+    if not ckpt.is_file():
+        raise CheckpointError(f"cannot resume: {ckpt} not found (was the run started with this "
+                              "--out? A run stopped before its first checkpoint has nothing to "
+                              "resume: start it again in a new --out)")
+    payload = read_checkpoint(ckpt)
+    step = payload["meta"].get("step")
+    kept = kept_state_file(out, step) if isinstance(step, int) else None
+    state_path = kept if kept is not None and kept.is_file() else out / STATE_FILE
+    state = load_train_state(state_path)
+    if step != state["step"]:
+        raise CheckpointError(f"cannot resume: {ckpt} is at step {step} but {state_path} at "
+                              f"step {state['step']}; they are not from the same save")
+    return payload, state
+
+
+def _stored_configs(out: Path, state: dict[str, Any], model_config: ModelConfig | None,
+                    config: TrainConfig | None) -> tuple[ModelConfig, TrainConfig]:
+    """The run's configs; given ones must equal them."""
+    try:
+        stored_model = ModelConfig.from_dict(state["model_config"])
+        stored_train = TrainConfig.from_dict(state["train_config"])
+    except (ConfigError, TypeError, KeyError) as e:
+        raise CheckpointError(f"cannot resume: the train state in {out} holds an invalid "
+                              f"config ({e})") from e
     for given, stored, what in ((model_config, stored_model, "model"),
                                 (config, stored_train, "training")):
         if given is not None and given != stored:
             changed = sorted(k for k, v in given.to_dict().items() if stored.to_dict()[k] != v)
             raise ConfigError(f"--resume with a different {what} config than the run in {out} "
                               f"(fields {changed}); resume with the original options")
-    return state, stored_model, stored_train
+    return stored_model, stored_train
+
+
+def _check_out_dir(out: Path) -> None:
+    """Refuse an --out that is a file or lies under one (before anything is read or written)."""
+    blocker = next((p for p in (out, *out.parents) if p.exists()), None)
+    if blocker == out and not out.is_dir():
+        raise WriteError(f"--out {out} is a file, not a run folder; choose another --out")
+    if blocker is not None and not blocker.is_dir():
+        raise WriteError(f"--out {out} lies under {blocker}, which is a file, not a folder; "
+                         "choose another --out")
 
 
 def _setup(info: DistInfo, model_config: ModelConfig | None, config: TrainConfig | None,
            data: Sequence[str | Path], out: Path, resume: bool,
            clip_weights: str | Path | None, recipe: str) -> _Run:
+    _check_out_dir(out)
+    payload: dict[str, Any] = {}
     state: dict[str, Any] | None = None
     if resume:
-        state, model_config, config = _stored_configs(out, model_config, config)
+        payload, state = _resume_files(out)
+        model_config, config = _stored_configs(out, state, model_config, config)
         data = data or state["data"]
     elif (out / CKPT_FILE).exists() or (out / STATE_FILE).exists():
         raise ConfigError(f"{out} already holds a run ({CKPT_FILE}); pass --resume to continue "
@@ -150,7 +202,7 @@ def _setup(info: DistInfo, model_config: ModelConfig | None, config: TrainConfig
     optimizer = build_optimizer(model, config)
     step, skipped, elapsed = 0, 0, 0.0
     if state is not None:
-        step, skipped, elapsed, stored_recipe = _restore(out, state, model, info)
+        step, skipped, elapsed, stored_recipe = _restore(out, payload, state, model, info)
         recipe = recipe or stored_recipe
     model.to(info.device)
     if state is not None:  # optimizer tensors follow the parameters' device
@@ -174,7 +226,8 @@ def _setup(info: DistInfo, model_config: ModelConfig | None, config: TrainConfig
     out.mkdir(parents=True, exist_ok=True)
     _truncate_metrics(out / METRICS_FILE, step, info)
     return _Run(info, out, model_config, config, [str(d) for d in data], wrapped, model,
-                optimizer, scaler, sampler, loader, step, skipped, elapsed, recipe)
+                optimizer, scaler, sampler, loader, step, skipped, elapsed, recipe,
+                step if state is not None else None)
 
 
 def _seed_process(seed: int, rank: int) -> None:
@@ -195,15 +248,15 @@ def _load_clip_weights(model: SegCLIP, path: str | Path) -> None:
     load_clip_weights(model, path)
 
 
-def _restore(out: Path, state: dict[str, Any], model: SegCLIP, info: DistInfo,
-             ) -> tuple[int, int, float, str]:
-    payload = read_checkpoint(out / CKPT_FILE)
-    ckpt_step = payload["meta"].get("step")
-    if ckpt_step != state["step"]:
-        raise CheckpointError(f"cannot resume: {out / CKPT_FILE} is at step {ckpt_step} but "
-                              f"{out / STATE_FILE} at step {state['step']} (interrupted while "
-                              "saving?)")
-    model.load_state_dict(payload["state_dict"], strict=True)
+def _restore(out: Path, payload: dict[str, Any], state: dict[str, Any], model: SegCLIP,
+             info: DistInfo) -> tuple[int, int, float, str]:
+    """Load the checkpoint's weights and this rank's RNG streams; (step, skipped, elapsed,
+    recipe)."""
+    ckpt = out / CKPT_FILE
+    if config_from_payload(payload, ckpt) != model.config:
+        raise CheckpointError(f"cannot resume: {ckpt} holds another model config than the run's "
+                              f"train state in {out}")
+    load_payload_weights(model, payload, ckpt)
     rng = state["rng"]
     if len(rng) != info.world_size:
         raise CheckpointError(f"cannot resume: the run used {len(rng)} processes, this one "
@@ -281,7 +334,7 @@ def _loop(run: _Run, stop_after: int | None, progress: bool) -> TrainResult:
         lr = set_lr(run.optimizer, lr_factor(run.step, total, config.warmup))
         tau = gumbel_tau(run.step, total, config, default_tau)
         run.core.group.gumbel_tau = tau
-        values, norm = _step(run, next(batches), weights)
+        values, norm = _step(run, _next_batch(batches), weights)
         run.step += 1
         window_steps += 1
         if norm is None:
@@ -315,15 +368,50 @@ def _log(run: _Run, values: dict[str, float], lr: float, tau: float, norm: float
         f.write(json.dumps(record) + "\n")
 
 
+def _next_batch(batches: Any) -> dict[str, torch.Tensor]:
+    """The next batch; a user error raised in a DataLoader worker becomes a one-line DataError
+    (torch re-raises it with the worker's traceback text in the message)."""
+    try:
+        return next(batches)
+    except SegclipError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        if len(lines) <= 1:
+            raise
+        last = lines[-1]
+        name, sep, message = last.partition(": ")
+        raise DataError(message if sep and name.split(".")[-1].endswith("Error") else last
+                        ) from e
+
+
+def _keep_state(run: _Run) -> None:
+    """Keep the state matching the ckpt.pt on disk as `train_state-STEP.pt` (a hard link where
+    possible) until the new pair is complete."""
+    if run.saved_step is None:
+        return
+    kept, current = kept_state_file(run.out, run.saved_step), run.out / STATE_FILE
+    if kept.exists() or not current.is_file():
+        return
+    try:
+        os.link(current, kept)
+    except OSError:
+        os.replace(current, kept)
+
+
 def _save(run: _Run, elapsed: float) -> None:
+    """Write train_state.pt, then ckpt.pt: after a kill at any moment, ckpt.pt and a state of
+    its step (train_state.pt or the kept one) are on disk."""
     rng = gather_objects(capture_rng(), run.info)  # collective: every rank takes part
     if run.info.is_main:
         meta = {"step": run.step, "total_steps": run.sampler.total, "recipe": run.recipe,
                 "train_config": run.config.to_dict(), "skipped": run.skipped,
                 "elapsed": round(elapsed, 3), "world_size": run.info.world_size}
-        save_checkpoint(run.core, run.out / CKPT_FILE, meta=meta)
+        _keep_state(run)
         save_train_state(run.out / STATE_FILE, step=run.step, optimizer=run.optimizer,
                          scaler=run.scaler, rng=rng, train_config=run.config.to_dict(),
                          model_config=run.model_config.to_dict(), data=run.data,
                          skipped=run.skipped, elapsed=elapsed)
+        save_checkpoint(run.core, run.out / CKPT_FILE, meta=meta)
+        for stale in run.out.glob(KEPT_STATE_GLOB):
+            stale.unlink(missing_ok=True)
+    run.saved_step = run.step
     barrier(run.info)
