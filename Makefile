@@ -13,6 +13,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check segclip export runtime bench tests
 	$(PY) -m pytest -q
 
 # The pipeline end to end on the synthetic world: export the shipped demo model, segment the

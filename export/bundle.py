@@ -18,15 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from segclip.checkpoint import file_sha256, model_from_payload, read_checkpoint
 from segclip.export import onnx_graph, precision
 from segclip.export._files import atomic_write_json, make_staging_dir, swap_directory
 from segclip.export.errors import ExportError
 from segclip.export.manifest import build_manifest, read_manifest
 from segclip.export.parity import ParityReport, measure_parity, require_parity
-from segclip.runtime import contract
-
-from segclip.checkpoint import file_sha256, model_from_payload, read_checkpoint
 from segclip.model import SegCLIP
+from segclip.runtime import contract
 
 Progress = Callable[[str], None]
 DEFAULT_OPSET = 17

@@ -23,12 +23,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from segclip._version import __version__
+from segclip.config import ModelConfig
 from segclip.export._files import file_size_text
 from segclip.export.errors import ExportError
 from segclip.runtime import contract
-
-from segclip._version import __version__
-from segclip.config import ModelConfig
 
 if TYPE_CHECKING:
     from segclip.export.parity import ParityReport
@@ -40,6 +39,7 @@ def build_manifest(config: ModelConfig, logit_scale: float, files: dict[str, str
     import onnx
     import onnxruntime
     import torch
+
     from segclip.export.onnx_graph import EXPORTER
 
     s = config.image_size

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import onnx
 import torch
+
 from segclip.export.errors import ExportError
 from segclip.export.wrappers import ImageEncoderOnnx, TextEncoderOnnx
-from segclip.runtime import contract
-
 from segclip.model import SegCLIP
+from segclip.runtime import contract
 
 MIN_OPSET = 17  # LayerNormalization
 MAX_OPSET = 20  # the TorchScript exporter's cap in torch >= 2.9

@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from segclip.export.errors import ParityError
-from segclip.runtime import contract
 
+from segclip.export.errors import ParityError
 from segclip.model import SegCLIP
+from segclip.runtime import contract
 
 FP32_MAX_ABS = 1e-4  # values: global, regions, assign, text
 FP32_MIN_AGREEMENT = 0.999  # per-pixel region argmax

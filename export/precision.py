@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import onnx
+
 from segclip.export.errors import ExportError
 
 # Kept in float32 in the fp16 graph. LayerNormalization/Softmax/Reduce* as runtime-practice.md

@@ -21,12 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from segclip.errors import MissingDependencyError
 from segclip.export._files import atomic_write_bytes, atomic_write_json
 from segclip.export.errors import EngineBuildError, ExportError
 from segclip.export.manifest import read_manifest
 from segclip.runtime import contract
-
-from segclip.errors import MissingDependencyError
 
 GPU_INSTALL = "pip install 'segclip[gpu]'"
 DEFAULT_BATCH = (1, 4, 16)  # image windows per call

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
 from segclip.runtime._atomic import atomic_write_bytes
 from segclip.runtime.contract import EOT_TOKEN, SOT_TOKEN
 from segclip.runtime.errors import TokenizerError

@@ -34,6 +34,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
 from segclip.runtime._interp import Taps, linear_taps, taps_from_coordinates
 from segclip.runtime.contract import DEFAULT_TOP_K
 from segclip.runtime.windows import window_grid, window_starts

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from segclip.runtime import _cuda
 from segclip.runtime._cuda import DeviceBuffer, check, driver, nvrtc
 from segclip.runtime.assign import window_taps

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
 from segclip.runtime._atomic import atomic_open
 from segclip.runtime.backends.base import Backend
 from segclip.runtime.bundle import Bundle

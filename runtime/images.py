@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
 from segclip.runtime._interp import blend, linear_taps
 from segclip.runtime.contract import CLIP_MEAN, CLIP_STD
 from segclip.runtime.errors import ImageError

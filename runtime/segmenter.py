@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from segclip.runtime.assign import assign_windows, region_labels, region_scores
 from segclip.runtime.backends import create_backend
 from segclip.runtime.backends.base import ImageOutputs, concat_outputs

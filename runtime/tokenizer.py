@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import ftfy
 import numpy as np
+
 from segclip.runtime.contract import EOT_TOKEN, SOT_TOKEN
 from segclip.runtime.errors import TokenizerError
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
 from segclip.runtime._atomic import atomic_write_bytes
 from segclip.runtime.errors import OutputError
 

@@ -24,7 +24,7 @@ class ModelConfig:
     vision_layers: int = 12
     vision_heads: int = 12
     vision_mlp_ratio: float = 4.0
-    # semantic group module: inserted after `group_layer` blocks; the remaining blocks run on regions
+    # semantic group module after `group_layer` blocks; the remaining blocks run on regions
     group_layer: int = 10
     num_centers: int = 8
     cross_layers: int = 2

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+
 from segclip.runtime import contract
 from segclip.runtime.backends.base import (
     ImageOutputs,

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import tensorrt as trt
+
 from segclip.runtime import _cuda, contract
 from segclip.runtime.backends.base import (
     ImageOutputs,

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from segclip.export.cli import app
-from segclip.runtime import contract
 from typer.testing import CliRunner
 
 from segclip.checkpoint import save_checkpoint
 from segclip.config import ModelConfig
+from segclip.export.cli import app
 from segclip.model import SegCLIP
+from segclip.runtime import contract
 
 runner = CliRunner()
 

@@ -12,10 +12,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
+
 from segclip.runtime.cli import app
 from segclip.runtime.runner import plan_outputs, sanitize_name
 from segclip.runtime.visualize import palette
-from typer.testing import CliRunner
 
 runner = CliRunner()
 LABELS = ["red square", "blue circle", "cat"]

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 import torch
-from segclip.export import ExportError, export_bundle, export_model, summary_table
-from segclip.runtime import contract
 
 from segclip.checkpoint import file_sha256, read_checkpoint
+from segclip.export import ExportError, export_bundle, export_model, summary_table
+from segclip.runtime import contract
 
 
 def test_bundle_holds_the_contract_files(bundle: Path, manifest: dict[str, Any]) -> None:
@@ -105,8 +105,8 @@ def test_bundle_tokenizer_and_text_graph_match_torch(bundle: Path, checkpoint_mo
     """The torch-free path (bundle tokenizer.json -> text.onnx) equals open_clip + eager."""
     import numpy as np
     import onnxruntime as ort
-    from segclip.runtime.tokenizer import Tokenizer
 
+    from segclip.runtime.tokenizer import Tokenizer
     from segclip.text import tokenize
 
     prompts = [contract.DEFAULT_TEMPLATE.format(w) for w in ("cat", "traffic light", "sky")]

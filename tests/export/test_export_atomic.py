@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from segclip.export import ParityError, export_bundle
 from segclip.runtime import contract
 

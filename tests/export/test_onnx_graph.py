@@ -12,6 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+
 from segclip.export import ExportError
 from segclip.export.onnx_graph import (
     FORBIDDEN_OPS,

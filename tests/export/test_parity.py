@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+
 from segclip.export import ExportError, ParityError, export_model
 from segclip.export.bundle import verify_bundle
 from segclip.export.parity import (

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from segclip.errors import MissingDependencyError
 from segclip.export import ExportError
 from segclip.export.tensorrt_build import Profile, build_engines
 from segclip.runtime import contract
-
-from segclip.errors import MissingDependencyError
 
 
 def test_profile_parse() -> None:

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+
 from segclip.export.tokenizer_file import (
     NUM_MERGES,
     _class,

@@ -10,6 +10,7 @@ from _runtime_reference import (
     torch_stitched_values,
     torch_upsample,
 )
+
 from segclip.runtime.assign import (
     assign_pixels,
     assign_windows,

@@ -8,6 +8,7 @@ import threading
 
 import numpy as np
 import pytest
+
 from segclip.runtime.assign import assign_windows
 from segclip.runtime.windows import resized_size, window_grid
 

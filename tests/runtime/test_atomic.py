@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+
 from segclip.runtime._atomic import atomic_open, atomic_write_bytes
 
 

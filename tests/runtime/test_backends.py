@@ -12,13 +12,13 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
+
+from segclip.errors import SegclipError
 from segclip.runtime import backends
 from segclip.runtime.backends import create_backend
 from segclip.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from segclip.runtime.bundle import Bundle, EngineFacts
 from segclip.runtime.errors import BackendUnavailableError, EngineError
-
-from segclip.errors import SegclipError
 
 PRESENT = EngineFacts(tensorrt="10.9.0.34", gpu="NVIDIA H100 80GB HBM3", compute_capability="9.0")
 CPU_ONLY = "CUDAExecutionProvider" not in ort.get_available_providers()

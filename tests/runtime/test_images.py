@@ -8,6 +8,7 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image
+
 from segclip.runtime.contract import CLIP_MEAN, CLIP_STD
 from segclip.runtime.errors import ImageError
 from segclip.runtime.images import (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from segclip.runtime.errors import LabelFileError
 from segclip.runtime.labels import load_labels, make_prompts, parse_labels, read_labels
 

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from segclip.runtime.bundle import Bundle, EngineFacts
-from segclip.runtime.errors import BundleError, EngineError
 
 from segclip.errors import SegclipError
+from segclip.runtime.bundle import Bundle, EngineFacts
+from segclip.runtime.errors import BundleError, EngineError
 
 PRESENT = EngineFacts(tensorrt="10.9.0.34", gpu="NVIDIA H100 80GB HBM3", compute_capability="9.0")
 

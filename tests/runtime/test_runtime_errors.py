@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from segclip.runtime import errors
 
 from segclip.errors import SegclipError
+from segclip.runtime import errors
 
 
 @pytest.mark.parametrize("cls, builtin", [

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
+
 from segclip.runtime import LabelTruncatedWarning, Segmenter
 from segclip.runtime.assign import assign_windows, region_labels, region_scores
 from segclip.runtime.errors import EngineError, ImageError, LabelFileError

@@ -6,6 +6,7 @@ import random
 
 import numpy as np
 import pytest
+
 from segclip.runtime.errors import TokenizerError
 from segclip.runtime.tokenizer import Tokenizer, clean_text
 

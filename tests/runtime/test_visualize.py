@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
+
 from segclip.runtime.errors import OutputError
 from segclip.runtime.visualize import (
     MAX_LEGEND_ROWS,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from segclip.runtime.windows import resized_size, window_boxes, window_grid, window_starts
 
 

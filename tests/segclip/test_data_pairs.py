@@ -15,7 +15,6 @@ import open_clip
 import pytest
 import torch
 from PIL import Image
-from segclip.runtime.contract import CLIP_MEAN, CLIP_STD
 
 from segclip.data.pairs import EpochSampler, PairDataset, PairsConfig, epoch_order
 from segclip.data.sources import read_image, read_source
@@ -23,6 +22,7 @@ from segclip.data.superpixels import build_cache, cache_file, load_segments, pat
 from segclip.data.synth import SynthConfig, generate
 from segclip.data.transforms import CropBox, RandomResizedCrop, resized_crop, to_tensor
 from segclip.errors import ConfigError, DataError
+from segclip.runtime.contract import CLIP_MEAN, CLIP_STD
 
 # (image file, caption); image b has two captions, as a COCO image has five
 PAIRS = [("a.png", "a red circle"), ("b.png", "two blue stars"), ("b.png", "stars in blue"),

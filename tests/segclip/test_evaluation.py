@@ -11,7 +11,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from segclip.runtime.contract import CLIP_MEAN, CLIP_STD
 
 from segclip.checkpoint import save_checkpoint
 from segclip.config import ModelConfig
@@ -29,6 +28,7 @@ from segclip.evaluation.protocol import (
     window_scores,
 )
 from segclip.model import SegCLIP
+from segclip.runtime.contract import CLIP_MEAN, CLIP_STD
 
 SMALL = dict(image_size=32, patch_size=8, vision_width=32, vision_layers=2, vision_heads=2,
              group_layer=1, num_centers=4, text_width=32, text_layers=1, text_heads=2,
