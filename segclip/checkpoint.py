@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 from segclip.config import ModelConfig
 from segclip.errors import CheckpointError, ConfigError, WriteError
 from segclip.model import SegCLIP
+from segclip.runtime._atomic import atomic_open
 
 CKPT_FORMAT = "segclip-ckpt"
 CKPT_VERSION = 1
@@ -36,21 +36,11 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with atomic_open(path) as f:
+            torch.save(obj, f)
     except OSError as e:
         raise WriteError(f"cannot write {path}: {e.strerror or e} ({e.filename or path.parent}); "
                          f"choose another output path") from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise WriteError(f"cannot write {path}: {e}") from e
-        raise
     return path
 
 

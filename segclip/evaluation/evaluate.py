@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ from tqdm import tqdm
 from segclip.errors import DataError, SegclipError, WriteError
 from segclip.evaluation.datasets import ClassList, VocDataset, load_classes
 from segclip.evaluation.metrics import confusion_matrix, iou_per_class, mean_iou
+from segclip.runtime._atomic import atomic_write_bytes
 from segclip.runtime.contract import DEFAULT_THRESHOLD, MANIFEST_FILE
 
 HELD_OUT_FILE = "held_out.txt"
@@ -187,17 +186,7 @@ def write_json(obj: Any, path: str | Path) -> Path:
     check_out_file(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
     except OSError as e:
         raise WriteError(f"cannot write {path}: {e.strerror or e}; choose another --out") from e
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise WriteError(f"cannot write {path}: {e.strerror or e}") from e
-        raise
     return path
