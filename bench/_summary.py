@@ -14,7 +14,7 @@ from bench._towers import PEAK_REFERENCE
 BASELINES = ("torch", "torch-cuda", "ort-cpu")
 DERIVED = ("ratio", "achieved_gflops", "peak_reference", "peak_fraction",
            "peak_fraction_adjusted")
-# issue 5 targets (read from the output; never asserted in tests)
+# targets (read from the output; never asserted in tests)
 ORT_VS_TORCH = 1.6
 ORT_PEAK_FRACTION = 0.85
 INT8_VS_FP32 = 2.5

@@ -5,7 +5,7 @@
 
 Steps, each through the project's own commands and each skipped when its result exists:
 1. out/demo/ckpt.pt: a copy of the shipped `segclip/assets/demo_tiny.pt`, or with --train the
-   result of `scripts/train_demo_tiny.sh` (the training engineer's recipe: synthetic world,
+   result of `scripts/train_demo_tiny.sh` (the committed recipe: synthetic world,
    superpixels, `segclip-train --config tiny --recipe synth`, resumable) run with
    WORK=out/demo/train and ASSET=out/demo/ckpt.pt, so the shipped asset is left alone;
 2. `segclip-export onnx out/demo/ckpt.pt --out out/demo/bundle` (skipped when the bundle is

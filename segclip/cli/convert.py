@@ -1,4 +1,4 @@
-"""`segclip-convert`: official SegCLIP / CLIP weights to and from segclip checkpoints (issue 6)."""
+"""`segclip-convert`: official SegCLIP / CLIP weights to and from segclip checkpoints."""
 
 from __future__ import annotations
 

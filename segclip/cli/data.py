@@ -1,4 +1,4 @@
-"""`segclip-data`: build the synthetic shapes world and superpixel caches (DESIGN.md, issue 8)."""
+"""`segclip-data`: build the synthetic shapes world and superpixel caches (DESIGN.md)."""
 
 from __future__ import annotations
 

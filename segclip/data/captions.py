@@ -1,4 +1,4 @@
-"""Captions for the synthetic shapes world (issue 8): many templates, words from the actual layout.
+"""Captions for the synthetic shapes world: many templates, words from the actual layout.
 
 A caption names every visible shape class exactly once, with its instance count ("a red circle",
 "two green triangles"), never the background. Position words come from the centroid of the

@@ -1,4 +1,4 @@
-"""The synthetic shapes world (issue 8): image–caption pairs and VOC-layout evaluation sets.
+"""The synthetic shapes world: image–caption pairs and VOC-layout evaluation sets.
 
 Images hold 1–3 shapes, colours {red, green, blue, yellow, purple, orange} × shapes {circle,
 square, triangle, star} (24 classes, ids 1..24 in `CLASSES` order), of varied size, position and

@@ -1,4 +1,4 @@
-"""Diagnostics for the synthetic shapes world (issue 8): why a model segments as it does.
+"""Diagnostics for the synthetic shapes world: why a model segments as it does.
 
 - grouping oracle: each predicted region labelled with its majority true class (ignore excluded),
   mIoU of that map: how good the grouping is, whatever the naming;

@@ -1,4 +1,4 @@
-"""Helpers of the reliability tests (issue 7): CLI assertions and crafted bad files.
+"""Helpers of the reliability tests: CLI assertions and crafted bad files.
 
 Imported by the tests of this folder (pytest puts the folder on sys.path; no __init__.py). Nothing
 here imports torch at module level, so runtime-only tests still collect without it.

@@ -1,4 +1,4 @@
-"""Fixtures of the reliability tests (issue 7), each built once per session and read-only: tests
+"""Fixtures of the reliability tests, each built once per session and read-only: tests
 that damage a file copy it first."""
 
 from __future__ import annotations
