@@ -8,12 +8,14 @@ official-layout dict, so neither depends on the converter's name table or on our
 from __future__ import annotations
 
 import builtins
+import json
 import math
 import pickle
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -528,3 +530,36 @@ def test_clip_shape_mismatch_and_wrong_files_are_errors(
         load_clip_state(model, tiny_official)
     with pytest.raises(ConversionError, match="lacks"):
         load_clip_state(model, {"weight": torch.zeros(2)})
+
+
+def test_converted_official_model_exports_and_runs_through_segclip_run(tmp_path: Path) -> None:
+    """official segclip.bin -> segclip-convert -> segclip-export onnx -> segclip-run."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from segclip.cli.convert import app as convert_app
+    from segclip.export.cli import app as export_app
+    from segclip.runtime.cli import app as run_app
+
+    sizes = replace(TINY, vocab=49408)  # the real CLIP vocabulary, so the runtime tokenizer fits
+    torch.save(official_state(sizes, seed=3), tmp_path / "segclip.bin")
+    runner = CliRunner()
+    steps = [
+        (convert_app, ["official", str(tmp_path / "segclip.bin"), "--out",
+                       str(tmp_path / "ckpt.pt"), "--text-heads", "4"]),
+        (export_app, ["onnx", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "bundle")]),
+    ]
+    for app, args in steps:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (50, 37), (200, 30, 30)).save(image)
+    (tmp_path / "labels.txt").write_text("red thing\nsky\n")
+    result = runner.invoke(run_app, ["--engine", str(tmp_path / "bundle"), "--labels",
+                                     str(tmp_path / "labels.txt"), "--out",
+                                     str(tmp_path / "run"), "--device", "cpu", str(image)])
+    assert result.exit_code == 0, result.output
+    label_map = np.asarray(Image.open(tmp_path / "run" / "photo.png"))
+    assert label_map.shape == (37, 50) and label_map.max() <= 2
+    summary = json.loads((tmp_path / "run" / "photo.json").read_text())
+    assert sum(summary["fractions"].values()) == pytest.approx(1.0)
