@@ -9,10 +9,11 @@ any other exception keeps its traceback.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 
+from segclip.cli._exit import fail
 from segclip.errors import SegclipError
 
 app = typer.Typer(help="Export SegCLIP checkpoints as bundles (ONNX, TensorRT).",
@@ -23,9 +24,6 @@ def _progress(message: str) -> None:
     typer.echo(message, err=True)
 
 
-def _fail(error: SegclipError) -> NoReturn:
-    typer.echo(f"error: {' '.join(str(error).split())}", err=True)
-    raise typer.Exit(code=2)
 
 
 @app.command("onnx")
@@ -48,7 +46,7 @@ def onnx_command(
                                progress=_progress)
         typer.echo(summary_table(bundle))
     except SegclipError as e:
-        _fail(e)
+        raise fail(e) from None
 
 
 @app.command("verify")
@@ -68,7 +66,7 @@ def verify_command(
         typer.echo(f"{report.text_file}: max|diff| text {report.text_max_abs:.1e}")
         typer.echo("parity: passed")
     except SegclipError as e:
-        _fail(e)
+        raise fail(e) from None
 
 
 @app.command("trt")
@@ -93,4 +91,4 @@ def trt_command(
                       timing_cache=timing_cache, progress=_progress)
         typer.echo(summary_table(bundle))
     except SegclipError as e:
-        _fail(e)
+        raise fail(e) from None

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import Annotated, Optional
 
 import typer
 
+from segclip.cli._exit import fail
 from segclip.errors import SegclipError
 
 DEFAULT_MAX_PIXELS = 100_000_000  # = segclip.runtime.images.DEFAULT_MAX_PIXELS (kept import-free)
@@ -33,9 +34,6 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
-def _fail(error: SegclipError) -> NoReturn:
-    typer.echo(f"error: {' '.join(str(error).split())}", err=True)
-    raise typer.Exit(code=2)
 
 
 @app.command()
@@ -66,7 +64,7 @@ def main(
                             device=device.value, skip_existing=skip_existing,
                             max_pixels=max_pixels, progress=progress)
     except SegclipError as e:
-        _fail(e)
+        raise fail(e) from None
     typer.echo(report.table())
     if report.failed:
         if report.total > 1:  # one image: its own error line is the one line

@@ -30,3 +30,8 @@ class MissingDependencyError(SegclipError, ImportError):
 class WriteError(SegclipError, OSError):
     """An output file cannot be written (the path is a directory, a parent is a file, no
     permission, disk full); the message names the path."""
+
+
+def one_line(error: BaseException) -> str:
+    """The CLI form of a user error: `error: ...` on a single line (DESIGN.md, exit code 2)."""
+    return "error: " + " ".join(str(error).split())

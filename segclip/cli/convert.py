@@ -7,16 +7,13 @@ from typing import Annotated, Optional
 
 import typer
 
+from segclip.cli._exit import fail
 from segclip.errors import SegclipError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Convert official SegCLIP / CLIP weights to and from segclip checkpoints.")
 
 
-def _fail(error: SegclipError) -> typer.Exit:
-    message = " ".join(str(error).split())
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code=2)
 
 
 @app.command()
@@ -40,7 +37,7 @@ def official(
         report = convert_official(source, out, text_heads=text_heads,
                                   decoder_heads=decoder_heads, inference_only=inference_only)
     except SegclipError as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     typer.echo(report.summary())
     typer.echo(f"wrote {out}")
 
@@ -59,7 +56,7 @@ def clip(
 
         report = convert_clip(source, out, config=config, seed=seed)
     except SegclipError as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     typer.echo(report.summary())
     typer.echo(f"wrote {out}")
 
@@ -75,7 +72,7 @@ def to_official(
 
         export_official(checkpoint, out)
     except SegclipError as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     typer.echo(f"wrote {out}")
 
 

@@ -7,16 +7,13 @@ from typing import Annotated, Optional
 
 import typer
 
+from segclip.cli._exit import fail
 from segclip.errors import SegclipError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Prepare training and evaluation data.")
 
 
-def _fail(error: SegclipError) -> typer.Exit:
-    message = " ".join(str(error).split())
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code=2)
 
 
 @app.command()
@@ -40,7 +37,7 @@ def synth(
                              seed=seed, size=size)
         generate(config, out, progress=progress)
     except SegclipError as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     typer.echo(f"wrote {config.num} training pairs, {config.val_num} val and "
                f"{config.eval_num} eval images to {out}")
 
@@ -64,7 +61,7 @@ def superpixels(
         report = build_cache(data, image_root=image_root, workers=workers,
                              max_short_side=max_short_side or None, progress=progress)
     except SegclipError as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     typer.echo(f"superpixels in {report.folder}: {report.computed} computed, "
                f"{report.skipped} already present")
 

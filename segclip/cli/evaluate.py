@@ -16,6 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from segclip.cli._exit import fail
 from segclip.errors import SegclipError
 
 app = typer.Typer(add_completion=False, help="Evaluate zero-shot segmentation (mIoU).")
@@ -49,8 +50,7 @@ def main(
         result = evaluate(model, data, classes, threshold, out, diagnostics, split, device,
                           limit, progress)
     except SegclipError as e:
-        typer.echo(f"error: {' '.join(str(e).split())}", err=True)
-        raise typer.Exit(code=2) from None
+        raise fail(e) from None
     import numpy as np
 
     iou = np.array([np.nan if v is None else v for v in result.per_class.values()])

@@ -16,14 +16,12 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from segclip.cli._exit import fail
 from segclip.errors import ConfigError, SegclipError
 
 app = typer.Typer(add_completion=False, help="Train SegCLIP (paper §3.2).")
 
 
-def _fail(error: SegclipError) -> typer.Exit:
-    typer.echo(f"error: {' '.join(str(error).split())}", err=True)
-    return typer.Exit(code=2)
 
 
 def parse_assignments(items: list[str], option: str) -> dict[str, Any]:
@@ -121,7 +119,7 @@ def main(
                        clip_weights=clip_weights, progress=progress, device=device,
                        recipe=recipe_name)
     except SegclipError as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     if result.rank == 0:
         typer.echo(f"wrote {result.run_dir / 'ckpt.pt'}: step {result.step}/{result.total_steps}, "
                    f"{result.skipped} skipped, {result.elapsed / 60:.1f} min")
