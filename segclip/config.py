@@ -9,6 +9,7 @@ on unknown keys.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -110,11 +111,16 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown ModelConfig fields {unknown}; known: {sorted(known)}")
+        check_fields(cls, values)
         return cls(**values)
+
+
+def check_fields(cls: type, names: Iterable[str]) -> None:
+    """Raise ConfigError naming every one of `names` that is not a field of dataclass `cls`."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(known)}")
 
 
 def _positive(config: ModelConfig, *names: str) -> None:

@@ -18,9 +18,10 @@ A `Recipe` pairs a `TrainConfig` with `ModelConfig` overrides: `paper` (the defa
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from segclip.config import check_fields
 from segclip.errors import ConfigError
 
 LOWER_LR_SCOPES = ("reference", "text", "none")
@@ -98,17 +99,11 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown TrainConfig fields {unknown}; known: {sorted(known)}")
+        check_fields(cls, values)
         return cls(**values)
 
     def replace(self, **changes: Any) -> TrainConfig:
-        known = {f.name for f in fields(self)}
-        unknown = sorted(set(changes) - known)
-        if unknown:
-            raise ConfigError(f"unknown TrainConfig fields {unknown}; known: {sorted(known)}")
+        check_fields(type(self), changes)
         return replace(self, **changes)
 
 
