@@ -129,8 +129,10 @@ def _write_graphs(model: SegCLIP, staging: Path, opset: int, fp16: bool, int8: b
         precision.convert_fp16(image_path, staging / contract.IMAGE_FP16_ONNX)
         images["fp16"] = contract.IMAGE_FP16_ONNX
     if int8:
-        say(f"quantising -> {contract.IMAGE_INT8_ONNX} (dynamic int8 MatMul/Gemm weights)")
-        precision.quantize_int8(image_path, staging / contract.IMAGE_INT8_ONNX)
+        say(f"quantising -> {contract.IMAGE_INT8_ONNX} (dynamic int8 MatMul/Gemm weights; "
+            f"the group and later blocks stay float32)")
+        precision.quantize_int8(image_path, staging / contract.IMAGE_INT8_ONNX,
+                                model.config.group_layer)
         images["int8"] = contract.IMAGE_INT8_ONNX
     for variant in ("fp16", "int8"):
         if variant in images:

@@ -76,8 +76,9 @@ def test_mismatching_model_fails_with_the_numbers(bundle: Path, checkpoint_model
 
 def test_int8_variant_is_verified_against_its_threshold(checkpoint_model: Any, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Random tiny weights give near-tied assignments that int8 activations flip (~90-97% of
-    pixels agree; vit-b16: ~93%), so the real 99% bar refuses the int8 variant. Here the bar is
+    """The int8 graph is held to its bar. Random weights give near-tied assignments, so int8
+    agreement sits around the real 99% bar (tiny 98.6-99.3%, vit-b16 98.65% with the group and
+    later blocks in float32; the trained demo model's pass is in test_precision.py). Here the bar is
     set to 100% (int8 never reaches it: robust to other weights), then lowered to exercise the
     graph and its recorded figures."""
     monkeypatch.setattr("segclip.export.parity.REDUCED_MIN_AGREEMENT", 1.0)
