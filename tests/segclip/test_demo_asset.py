@@ -1,5 +1,6 @@
 """The shipped demo model (segclip/assets/demo_tiny.pt) still loads and scores on the synthetic
-world's held-out evaluation split (the figures of docs/synthetic_results.md)."""
+world's held-out evaluation split (the figures in README "The demo model and the synthetic
+shapes world")."""
 
 from __future__ import annotations
 
@@ -39,7 +40,9 @@ def test_demo_asset_scores_above_all_background(eval_set: Path) -> None:
     result = evaluate_model(model, data, names, 0.8, diagnostics=True,
                             held_out=find_held_out(data.root))
     baseline = result.diagnostics["all_background_miou"]
-    # measured when the model was trained: mIoU 5.76 %, all-background 3.56 %, oracle 48.6 %
-    assert result.miou == pytest.approx(0.0576, abs=0.002)
-    assert result.miou > baseline + 0.015
-    assert result.diagnostics["oracle_miou"] > 0.40
+    # measured when the model was trained: mIoU 4.37 %, all-background 3.56 %, oracle 40.3 %,
+    # colour named right on 86.9 % of foreground pixels
+    assert result.miou == pytest.approx(0.0437, abs=0.002)
+    assert result.miou > baseline + 0.005
+    assert result.diagnostics["oracle_miou"] > 0.35
+    assert result.diagnostics["colour_accuracy"] > 0.80
