@@ -94,8 +94,11 @@ def _sha256(path: Path) -> str:
 def _parse_onnx(trt: Any, builder: Any, logger: Any, onnx_path: Path, strongly_typed: bool,
                 ) -> Any:
     flags = 0
-    if strongly_typed:
-        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    # TensorRT 11 deprecates STRONGLY_TYPED (every network is strongly typed, the flag is
+    # ignored): use it where it still exists, else the default network is already typed.
+    typed_flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if strongly_typed and typed_flag is not None:
+        flags = 1 << int(typed_flag)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
@@ -120,6 +123,22 @@ def _keep_float32(trt: Any, network: Any) -> int:
     return pinned
 
 
+def _attach_timing_cache(config: Any, path: Path) -> Any:
+    """Load `path` (empty if absent) into a timing cache and attach it to `config`.
+
+    `set_timing_cache` reports a cache from another GPU/TensorRT by returning False (nothing is
+    attached, and `get_timing_cache()` is then None), not by raising: refuse it before the build.
+    """
+    data = path.read_bytes() if path.is_file() else b""
+    cache = config.create_timing_cache(data)
+    # ignore_mismatch=False: a cache recorded on another device is refused, not used
+    if cache is None or not config.set_timing_cache(cache, False):
+        raise EngineBuildError(f"TensorRT refused the timing cache {path} (written by another "
+                               f"TensorRT version or GPU, or damaged); delete it or pass another "
+                               f"--timing-cache path")
+    return cache
+
+
 def build_engine(trt: Any, onnx_path: Path, plan_path: Path, input_name: str,
                  profile: Profile, tail: tuple[int, ...], fp16: bool, workspace_gib: float,
                  timing_cache: Path | None) -> dict[str, Any]:
@@ -134,16 +153,16 @@ def build_engine(trt: Any, onnx_path: Path, plan_path: Path, input_name: str,
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     opt_profile = builder.create_optimization_profile()
     opt_profile.set_shape(input_name, *profile.shapes(tail))
-    config.add_optimization_profile(opt_profile)
+    if config.add_optimization_profile(opt_profile) < 0:  # -1, not an exception, when invalid
+        raise EngineBuildError(f"TensorRT rejected the optimisation profile {input_name} "
+                               f"{profile.min}:{profile.opt}:{profile.max} x {tail} for "
+                               f"{onnx_path.name}: the graph's input {input_name!r} does not take "
+                               f"that shape; re-export the bundle or pass another profile")
     if weak_fp16:
         config.set_flag(trt.BuilderFlag.FP16)
         if _keep_float32(trt, network):
             config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
-    cache = None
-    if timing_cache is not None:
-        data = timing_cache.read_bytes() if timing_cache.is_file() else b""
-        cache = config.create_timing_cache(data)
-        config.set_timing_cache(cache, False)  # ignore_mismatch=False: refuse a foreign cache
+    cache = _attach_timing_cache(config, timing_cache) if timing_cache is not None else None
     start = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -152,8 +171,8 @@ def build_engine(trt: Any, onnx_path: Path, plan_path: Path, input_name: str,
                                f"narrower profile")
     seconds = time.perf_counter() - start
     atomic_write_bytes(plan_path, memoryview(serialized))
-    if timing_cache is not None:
-        atomic_write_bytes(timing_cache, memoryview(config.get_timing_cache().serialize()))
+    if cache is not None and timing_cache is not None:  # the attached cache, grown by the build
+        atomic_write_bytes(timing_cache, memoryview(cache.serialize()))
     io = {network.get_input(i).name: str(network.get_input(i).dtype).split(".")[-1]
           for i in range(network.num_inputs)}
     io.update({network.get_output(i).name: str(network.get_output(i).dtype).split(".")[-1]

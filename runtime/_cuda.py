@@ -13,9 +13,13 @@ from typing import Any
 try:  # cuda-python >= 12.6
     from cuda.bindings import driver, nvrtc
     from cuda.bindings import runtime as cudart
-except ImportError:  # older cuda-python: cuda.cuda / cuda.cudart / cuda.nvrtc
+except ImportError:  # older cuda-python: cuda.cuda / cuda.cudart / cuda.nvrtc (gone in 13.0)
     from cuda import cuda as driver  # type: ignore[no-redef]
     from cuda import cudart, nvrtc  # type: ignore[no-redef]
+try:  # cuda-bindings >= 12.9.1; int(handle) is deprecated there and "subject to future removal"
+    from cuda.bindings.utils import get_cuda_native_handle as _native_handle
+except ImportError:
+    _native_handle = int
 
 from segclip.runtime.errors import EngineError
 
@@ -64,7 +68,8 @@ def device_facts(device_id: int) -> tuple[str, str]:
 
 
 def stream_handle(stream: Any) -> int:
-    return int(stream)
+    """The raw cudaStream_t address (what TensorRT's `execute_async_v3` takes)."""
+    return int(_native_handle(stream))
 
 
 class DeviceBuffer:

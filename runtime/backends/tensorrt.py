@@ -36,6 +36,8 @@ from segclip.runtime.backends.base import (
 from segclip.runtime.bundle import Bundle, EngineFacts, EngineInfo, TensorSpec, rebuild_command
 from segclip.runtime.errors import EngineError
 
+TENSOR_ALIGNMENT = 256  # bytes; IExecutionContext::setTensorAddress needs this (NvInferRuntime.h)
+
 
 def present_facts(device_id: int = 0) -> EngineFacts:
     """TensorRT version and GPU of this machine, as `segclip-export trt` records them."""
@@ -240,7 +242,10 @@ class TensorRTBackend:
         for first in range(0, num, engine.max_batch):
             chunk = np.ascontiguousarray(windows[first:first + engine.max_batch], np.float32)
             count = chunk.shape[0]
-            direct = count >= engine.min_batch  # no padding rows: write into place
+            # write into place when there are no padding rows and the address keeps TensorRT's
+            # 256-byte alignment for tensor addresses (set_tensor_address refuses others); else
+            # the engine writes its own buffer and the rows are copied
+            direct = count >= engine.min_batch and (first * row_bytes) % TENSOR_ALIGNMENT == 0
             redirect = {contract.ASSIGN_OUTPUT: target + first * row_bytes} if direct else None
             engine.launch(state, chunk, redirect)
             if not direct:

@@ -157,3 +157,33 @@ def test_corrupt_graph_is_a_bundle_error(tiny_bundle: Path, tmp_path: Path) -> N
     (root / "image.onnx").write_bytes(b"\x08garbage")
     with pytest.raises(SegclipError, match=r"ONNX Runtime cannot load .*image\.onnx.*re-export"):
         create_backend(root, "cpu")
+
+
+def test_io_binding_path_equals_a_plain_run(tiny_bundle: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA branch of the ONNX Runtime backend (OrtValue inputs, outputs bound by device,
+    `run_with_iobinding`, `copy_outputs_to_cpu`) against the real onnxruntime, with device "cuda"
+    mapped to "cpu": the same values as `session.run`, outputs in the requested order."""
+    plain, bound = create_backend(tiny_bundle, "cpu"), create_backend(tiny_bundle, "cpu")
+    bound.device = "cuda"  # take the IO-binding branch
+    devices: list[str] = []
+    real_value, real_bind = ort.OrtValue.ortvalue_from_numpy, ort.IOBinding.bind_output
+
+    def value(array: np.ndarray, device_type: str = "cpu", device_id: int = 0) -> Any:
+        devices.append(device_type)
+        return real_value(array, "cpu", device_id)
+
+    def bind_output(self: Any, name: str, device_type: str = "cpu", device_id: int = 0) -> Any:
+        devices.append(device_type)
+        return real_bind(self, name, "cpu", device_id)
+
+    monkeypatch.setattr(ort.OrtValue, "ortvalue_from_numpy", staticmethod(value))
+    monkeypatch.setattr(ort.IOBinding, "bind_output", bind_output)
+    windows = np.random.default_rng(0).standard_normal((3, 3, 64, 64)).astype(np.float32)
+    got, want = bound.run_image(windows), plain.run_image(windows)
+    for name in ("global_", "regions", "assign"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+    tokens = np.zeros((3, 77), np.int64)
+    tokens[:, 0], tokens[:, 1], tokens[:, 2] = 49406, [320, 321, 322], 49407
+    np.testing.assert_array_equal(bound.run_text(tokens), plain.run_text(tokens))
+    assert devices and set(devices) == {"cuda"}
