@@ -4,8 +4,9 @@ Every variant maps one window's image-tower outputs and the label embeddings to 
 label map; all compute the region scores P the same way (`segclip.runtime.assign.region_scores`)
 and differ in step 3, the per-pixel part:
 
-- `fused`: the runtime (`assign_pixels`): per output pixel, interpolate the L values, argmax,
-  look the region's label up; chunks of rows, never an [L, H, W] array.
+- `fused`: the runtime (`assign_pixels`): grid cells whose corners agree on one region are
+  labelled at once, the others interpolate only the regions that can win there; equal to the
+  per-pixel interpolate / argmax / look-up, and never an [L, H, W] array.
 - `naive_regions`: upsample all L maps to [L, H, W] (separable bilinear, align_corners=False),
   argmax over L, look up.
 - `naive_scores`: the official per-crop protocol: upsample to [L, H, W], one-hot of the argmax,
@@ -154,61 +155,3 @@ def torch_naive_scores(inputs: dict[str, Any], out_hw: Sequence[int]) -> Any:
     cutoff = min(inputs["threshold"], float(scores.max()))
     background = (score_map.amax(dim=0) < cutoff).float()  # (H, W)
     return torch.cat([background[None], score_map]).argmax(dim=0)  # (H, W)
-
-
-# ---- prototype: a faster fused step 3 (not in the runtime; see bench/results/README.md) -------
-def _ranges(lo: np.ndarray, cells: int) -> tuple[np.ndarray, np.ndarray]:
-    """Start / stop of the output samples whose lower tap is each cell (taps are monotone)."""
-    index = np.arange(cells)
-    return np.searchsorted(lo, index, "left"), np.searchsorted(lo, index, "right")
-
-
-def cell_labels(assign: np.ndarray, labels: np.ndarray, out_hw: Sequence[int],
-                prune: bool = True) -> np.ndarray:
-    """`assign_pixels`, exploiting that bilinear weights are shared by the L maps.
-
-    Within the cell between grid nodes (i, j), (i, j+1), (i+1, j), (i+1, j+1) every interpolated
-    value is the same convex combination of the four corner values, hence:
-    1. a region that is the argmax at all four corners is the argmax at every pixel of the cell:
-       such "uniform" cells get their label by two 1-D `take`s;
-    2. (`prune`) in the other cells a region whose largest corner value is below the largest
-       smallest-corner value of another region can never win: only the remaining candidates of
-       a band of cells are interpolated (with the runtime's arithmetic: same values, same ties).
-
-    Args:
-        assign: (L, h, w) float32 soft assignment; labels: (L,) uint16 region labels.
-    """
-    regions, grid_h, grid_w = assign.shape
-    height, width = out_hw
-    ylo, yhi, yfrac = _axis_taps(height, grid_h)
-    xlo, xhi, xfrac = _axis_taps(width, grid_w)
-    node = assign.argmax(axis=0)  # (h, w)
-    down = np.minimum(np.arange(grid_h) + 1, grid_h - 1)  # (h,)
-    right = np.minimum(np.arange(grid_w) + 1, grid_w - 1)  # (w,)
-    uniform = ((node == node[:, right]) & (node == node[down, :])
-               & (node == node[down][:, right]))  # (h, w): cell (i, j) is one region
-    corners = np.stack([assign, assign[:, :, right], assign[:, down, :],
-                        assign[:, down][:, :, right]])  # (4, L, h, w)
-    low, high = corners.min(axis=0), corners.max(axis=0)  # (L, h, w)
-    candidate = high >= low.max(axis=0) if prune else np.ones_like(high, bool)  # (L, h, w)
-    out = np.take(np.take(labels[node], ylo, axis=0), xlo, axis=1)  # (H, W)
-    starts, stops = _ranges(ylo, grid_h)
-    for i in np.nonzero(~uniform.all(axis=1))[0]:
-        r0, r1 = starts[i], stops[i]
-        if r0 == r1:
-            continue
-        mixed = ~uniform[i]  # (w,)
-        keep = np.nonzero(candidate[:, i, mixed].any(axis=1))[0]  # (K,) regions that can win
-        cols = np.nonzero(mixed[xlo])[0]  # (Wm,) output columns in mixed cells
-        pair = assign[keep][:, [i, down[i]], :]  # (K, 2, w)
-        frac = xfrac[cols]
-        band = pair[:, :, xlo[cols]] * (1.0 - frac) + pair[:, :, xhi[cols]] * frac  # (K, 2, Wm)
-        fy = yfrac[r0:r1, None]  # (r, 1)
-        values = band[:, :1, :] * (1.0 - fy) + band[:, 1:, :] * fy  # (K, r, Wm)
-        out[r0:r1, cols] = labels[keep[values.argmax(axis=0)]]
-    return out
-
-
-def fused_cells(window: Window, out_hw: Sequence[int]) -> np.ndarray:
-    labels = region_labels(scores_of(window), window.threshold)  # (L,)
-    return cell_labels(np.asarray(window.assign, np.float32), labels, out_hw)

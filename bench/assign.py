@@ -4,10 +4,10 @@
 
 For each output size H = W and label count T, one window of the paper model's shape (L = 8
 regions on a 14 x 14 grid, D = 512) is assigned by every variant of bench/_assign_variants.py:
-`fused` (the runtime), `fused_cells` (a faster prototype, bench/_assign_variants.py),
-`naive_regions` ([L, H, W] upsampling + argmax) and `naive_scores` (the official [T, H, W]
-score map). Times: warm-up, then the variants called round-robin (one call each per round, so
-that load from other processes hits all alike), median / p90 / p99 with bootstrap CIs.
+`fused` (the runtime), `naive_regions` ([L, H, W] upsampling + argmax) and `naive_scores` (the
+official [T, H, W] score map). Times: warm-up, then the variants called round-robin (one call
+each per round, so that load from other processes hits all alike), median / p90 / p99 with
+bootstrap CIs.
 Peak memory: one more call under `tracemalloc`, which sees numpy's allocations (timed calls run
 without it). Same-run ratios naive / fused are printed; rows per the issue:
 `{"size": [H, W], "labels": T, "device": ..., "fused_ms": ..., "naive_ms": ...,
@@ -55,9 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="BLAS threads of numpy (the naive score map's product uses them; "
                              "the fused assignment is single-threaded numpy)")
-    parser.add_argument("--variants", default="fused,fused_cells,naive_regions,naive_scores",
-                        help="numpy variants to time (bench/_assign_variants.py; "
-                             "fused_cells is the faster prototype)")
+    parser.add_argument("--variants", default="fused,naive_regions,naive_scores",
+                        help="numpy variants to time (bench/_assign_variants.py)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--min-iters", type=int, default=10)
     parser.add_argument("--max-iters", type=int, default=200)
@@ -162,9 +161,6 @@ def _row(size: int, labels: int, device: str, measured: dict[str, Any]) -> dict[
                            "fused_peak_mb": peak("fused"), "naive_peak_mb": peak("naive_scores"),
                            "naive_regions_peak_mb": peak("naive_regions"),
                            "variants": measured}
-    if "fused_cells" in measured:
-        row["fused_cells_ms"] = median("fused_cells")
-        row["fused_cells_peak_mb"] = peak("fused_cells")
     for key in ("naive", "naive_regions"):
         ms, mb = row[f"{key}_ms"], row[f"{key}_peak_mb"]
         row[f"speedup_{key}"] = ms / row["fused_ms"] if ms and row["fused_ms"] else None
@@ -193,14 +189,13 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
     from bench._summary import text_table
 
     header = ["device", "size", "labels", "fused ms", "naive [T,H,W] ms", "x", "naive [L,H,W] ms",
-              "x", "fused MB", "naive [T,H,W] MB", "x", "naive [L,H,W] MB", "x",
-              "fused_cells ms"]
+              "x", "fused MB", "naive [T,H,W] MB", "x", "naive [L,H,W] MB", "x"]
     table = [[r["device"], "x".join(map(str, r["size"])), str(r["labels"]), _fmt(r["fused_ms"]),
               _fmt(r["naive_ms"]), _fmt(r["speedup_naive"], ".1f"), _fmt(r["naive_regions_ms"]),
               _fmt(r["speedup_naive_regions"], ".1f"), _fmt(r["fused_peak_mb"], ".1f"),
               _fmt(r["naive_peak_mb"], ".1f"), _fmt(r["memory_ratio_naive"], ".1f"),
               _fmt(r["naive_regions_peak_mb"], ".1f"),
-              _fmt(r["memory_ratio_naive_regions"], ".1f"), _fmt(r.get("fused_cells_ms"))]
+              _fmt(r["memory_ratio_naive_regions"], ".1f")]
              for r in rows]
     print(text_table(header, table))
 

@@ -10,8 +10,27 @@ label embeddings `text` [T, D]:
 3. `assign_pixels` / `assign_windows`: each output pixel takes the label of the region with the
    largest bilinearly interpolated (align_corners=False) soft assignment.
 
-Step 3 is computed per output pixel, separably and in chunks of rows, without materialising an
-[L, H, W] (or [T, H, W]) array: peak memory is O(L * rows_per_chunk * W).
+Step 3 is computed per grid cell, never materialising an [L, H, W] (or [T, H, W]) array. Every
+output pixel lies in one cell of the patch grid (the 2 x 2 nodes its taps read), and its L values
+are convex combinations of the cell's corner values with weights shared by all regions. So:
+
+- a cell whose corner winner is the same region k at all four corners, beating every other
+  region there by more than `_margin` (M = max |assign|), is uniform: region k wins at every
+  pixel of it, and the whole cell is labelled by a look-up;
+- in the other (mixed) cells, a region whose largest corner value is more than the margin below
+  another region's smallest corner value can never win: only the remaining candidates are
+  interpolated, with the same float32 arithmetic (`_lerp`, columns then rows) as the direct
+  per-pixel path `_direct_labels`.
+
+The margin makes this exact, ties included. Each float32 interpolated value is within 10 u M of
+the exact bilinear value with the same float32 weights (u = 2^-24; a 1-D lerp rounds three times,
+adding at most 5 u M, and the second lerp adds 5 u M to the first's error), so a region more than
+20 u M behind another in exact arithmetic is strictly behind it after rounding too; the margin is
+32 u M. Hence the label map equals `_direct_labels` (argmax over all L float32 values, first
+region on ties) bit for bit, and `_direct_labels` itself runs where that is faster (small
+outputs) or the bound does not hold (non-finite or huge inputs). Mixed cells are interpolated per
+grid row in chunks of output rows: peak memory is the (H, W) label map, an (H, Ws) look-up and
+O(L * rows_per_chunk * W) floats.
 
 Windows (the fused definition). The image (H x W) was resized to (Hr x Wr), short side S, and
 covered by S x S windows (`segclip.runtime.windows`). Along each axis, an output pixel i has its
@@ -26,7 +45,8 @@ protocol instead averages window score maps where windows overlap and resamples 
 assignments) a second time; the two differ only in the overlap strip and along label borders.
 
 Legend: L regions, T labels, D embedding width, h x w patch grid, H x W output pixels,
-n windows, ny x nx window grid, r rows in a chunk.
+n windows, ny x nx window grid, r rows in a chunk, Hs x Ws the grid of all windows
+(the mosaic), K candidate regions, Wm output columns in mixed cells.
 """
 
 from __future__ import annotations
@@ -40,6 +60,12 @@ from segclip.runtime.contract import DEFAULT_TOP_K
 from segclip.runtime.windows import window_grid, window_starts
 
 CHUNK_ELEMENTS = 1 << 21  # L * rows * W floats per chunk (8 MiB float32 per temporary)
+ROUNDING_MARGIN = 2.0 ** -19  # 32 u: > 2 x the 10 u M error bound of an interpolated value
+UNDERFLOW_MARGIN = 2.0 ** -140  # covers subnormal results, whose error is absolute
+MAX_MAGNITUDE = 2.0 ** 100  # larger |assign| (or NaN / inf) takes the direct path
+# Below this many interpolated values (L * H * W) per grid row, `_direct_labels` is faster than
+# `_cell_labels` (1 thread, bench/assign.py's window: they cross near 130² from 14², L = 8).
+DIRECT_WORK_PER_GRID_ROW = 1 << 13
 MAX_LABELS = np.iinfo(np.uint16).max  # label maps are uint16; 0 is background
 
 
@@ -115,9 +141,11 @@ def _lerp(lower: np.ndarray, upper: np.ndarray, frac: np.ndarray) -> np.ndarray:
     return upper
 
 
-def _fused_labels(source: np.ndarray, rows: Taps, cols: Taps, row_tiles: np.ndarray,
+def _direct_labels(source: np.ndarray, rows: Taps, cols: Taps, row_tiles: np.ndarray,
                   col_tiles: np.ndarray, table: np.ndarray, chunk_elements: int) -> np.ndarray:
     """Per output pixel: interpolate the L maps of `source`, argmax, look the region label up.
+
+    The literal fused definition; `_cell_labels` equals it.
 
     Args:
         source: (L, Hs, Ws) float32 soft assignment (window maps stacked into one mosaic).
@@ -141,6 +169,134 @@ def _fused_labels(source: np.ndarray, rows: Taps, cols: Taps, row_tiles: np.ndar
         best = values.argmax(axis=0)  # (r, W)
         tiles = row_tiles[start:stop, None]  # (r, 1)
         out[start:stop] = table[tiles, col_tiles[None, :], best]  # (r, W)
+    return out
+
+
+def _cell_partner(taps: Taps, tiles: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per grid node along one axis: the upper tap read with it as lower tap, and its window.
+
+    Both are functions of the lower tap (taps clamp inside the owning window); nodes that are
+    no output's lower tap keep themselves and window 0 (never read).
+    """
+    partner, owner = np.arange(size), np.zeros(size, np.int64)  # (size,), (size,)
+    partner[taps.lo], owner[taps.lo] = taps.hi, tiles
+    assert (partner[taps.lo] == taps.hi).all() and (owner[taps.lo] == tiles).all()
+    return partner, owner
+
+
+def _margin(source: np.ndarray) -> float | None:
+    """Gap beyond which float32 rounding cannot reorder two regions (module docstring), or None
+    when `source` is non-finite or too large for the error bound (then the direct path runs)."""
+    magnitude = float(np.abs(source).max())
+    if not magnitude < MAX_MAGNITUDE:  # also NaN
+        return None
+    return magnitude * ROUNDING_MARGIN + UNDERFLOW_MARGIN
+
+
+def _classify_cells(source: np.ndarray, down: np.ndarray, right: np.ndarray,
+                    margin: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Corner winner, uniformity and candidate regions of every grid cell.
+
+    Returns:
+        (Hs, Ws) int64 winner at the upper-left node, (Hs, Ws) bool uniform (that region wins
+        the whole cell), (L, Hs, Ws) bool candidates (regions that may win somewhere in it).
+    """
+    num_regions = source.shape[0]
+    node = source.argmax(axis=0)  # (Hs, Ws)
+    if num_regions > 1:
+        top = np.partition(source, num_regions - 2, axis=0)[-2:]  # (2, Hs, Ws) 2nd, 1st
+        sure = top[1].astype(np.float64) - top[0] > margin  # (Hs, Ws) winner clear of others
+    else:
+        sure = np.ones(node.shape, dtype=bool)  # (Hs, Ws)
+    down_node, right_node = node[down], node[:, right]  # (Hs, Ws)
+    uniform = (sure & sure[down] & sure[:, right] & sure[down][:, right] & (node == down_node)
+               & (node == right_node) & (node == down_node[:, right]))  # (Hs, Ws)
+    low, high = source.copy(), source.copy()  # (L, Hs, Ws) over the 4 corners
+    for corner in (source[:, down], source[:, :, right], source[:, down][:, :, right]):
+        np.minimum(low, corner, out=low)
+        np.maximum(high, corner, out=high)
+    floor = low.max(axis=0).astype(np.float64) - margin  # (Hs, Ws)
+    return node, uniform, high >= floor
+
+
+def _fused_labels(source: np.ndarray, rows: Taps, cols: Taps, row_tiles: np.ndarray,
+                  col_tiles: np.ndarray, table: np.ndarray, chunk_elements: int) -> np.ndarray:
+    """Step 3: `_cell_labels`, or `_direct_labels` (the same labels) for small outputs, where
+    the cell path's per-grid-row overhead outweighs what it saves, and for non-finite input.
+
+    Args:
+        source: (L, Hs, Ws) float32 soft assignment (window maps stacked into one mosaic).
+        rows, cols: taps into Hs / Ws for each output row (H) / column (W); lower taps are
+            non-decreasing.
+        row_tiles, col_tiles: (H,), (W,) window row / column owning each output row / column.
+        table: (ny, nx, L) uint16 region labels per window.
+    """
+    margin = _margin(source)
+    grid_rows = min(source.shape[1], rows.lo.size)
+    work = source.shape[0] * rows.lo.size * cols.lo.size  # L * H * W interpolated values
+    if margin is None or work < DIRECT_WORK_PER_GRID_ROW * grid_rows:
+        return _direct_labels(source, rows, cols, row_tiles, col_tiles, table, chunk_elements)
+    return _cell_labels(source, rows, cols, row_tiles, col_tiles, table, chunk_elements, margin)
+
+
+def _cell_labels(source: np.ndarray, rows: Taps, cols: Taps, row_tiles: np.ndarray,
+                 col_tiles: np.ndarray, table: np.ndarray, chunk_elements: int,
+                 margin: float) -> np.ndarray:
+    """`_direct_labels`, bit for bit, by grid cells (module docstring): uniform cells by look-up,
+    mixed cells by interpolating their candidate regions only, per grid row in row chunks.
+
+    Args: as `_fused_labels`, and `margin` from `_margin(source)`.
+    """
+    assert (np.diff(rows.lo) >= 0).all() and (np.diff(cols.lo) >= 0).all()
+    down, row_owner = _cell_partner(rows, row_tiles, source.shape[1])  # (Hs,), (Hs,)
+    right, col_owner = _cell_partner(cols, col_tiles, source.shape[2])  # (Ws,), (Ws,)
+    node, uniform, candidate = _classify_cells(source, down, right, margin)
+    cell_label = table[row_owner[:, None], col_owner[None, :], node]  # (Hs, Ws)
+    out = np.take(np.take(cell_label, rows.lo, axis=0), cols.lo, axis=1)  # (H, W)
+    mixed_cols = ~uniform[:, cols.lo]  # (Hs, W) output columns in mixed cells, per grid row
+    starts = np.searchsorted(rows.lo, np.arange(source.shape[1]), "left")  # (Hs,)
+    stops = np.searchsorted(rows.lo, np.arange(source.shape[1]), "right")  # (Hs,)
+    for i in np.nonzero((stops > starts) & mixed_cols.any(axis=1))[0]:
+        keep = np.nonzero(candidate[:, i][:, ~uniform[i]].any(axis=1))[0]  # (K,)
+        picked = np.nonzero(mixed_cols[i])[0]  # (Wm,)
+        pair = np.take(source[:, [i, down[i]]], keep, axis=0)  # (K, 2, Ws)
+        band = _lerp(np.take(pair, cols.lo[picked], axis=2), np.take(pair, cols.hi[picked], axis=2),
+                     cols.frac[picked])  # (K, 2, Wm), C-contiguous (take, not fancy indexing)
+        top, rise = band[:, 0], band[:, 1] - band[:, 0]  # (K, Wm) each
+        labels = np.ascontiguousarray(table[row_owner[i], col_tiles[picked]][:, keep].T)  # (K, Wm)
+        where = slice(None) if picked.size == out.shape[1] else picked
+        step = max(1, chunk_elements // (keep.size * picked.size))
+        for start in range(starts[i], stops[i], step):
+            stop = min(start + step, stops[i])
+            out[start:stop, where] = _argmax_labels(top, rise, rows.frac[start:stop, None],
+                                                    labels)
+    return out
+
+
+def _argmax_labels(top: np.ndarray, rise: np.ndarray, frac: np.ndarray,
+                   labels: np.ndarray) -> np.ndarray:
+    """Label of the first region with the largest `top + rise * frac` (`_lerp`'s arithmetic).
+
+    A running maximum over the K regions: numpy's argmax over a short leading axis is slow.
+
+    Args:
+        top, rise: (K, Wm) float32 lerp base and slope per candidate and column.
+        frac: (r, 1) float32 row weights; labels: (K, Wm) uint16.
+
+    Returns:
+        (r, Wm) uint16 labels.
+    """
+    best = rise[0] * frac  # (r, Wm)
+    best += top[0]
+    out = np.empty(best.shape, dtype=np.uint16)  # (r, Wm)
+    out[:] = labels[0]
+    value, better = np.empty_like(best), np.empty(best.shape, dtype=bool)  # (r, Wm) each
+    for k in range(1, top.shape[0]):
+        np.multiply(rise[k], frac, out=value)
+        value += top[k]
+        np.greater(value, best, out=better)  # strict: ties keep the earlier region
+        np.maximum(best, value, out=best)
+        np.copyto(out, labels[k], where=better)
     return out
 
 

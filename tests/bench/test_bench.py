@@ -97,14 +97,13 @@ def test_assignment_variants_agree(pattern: str, out_hw: tuple[int, int]) -> Non
     window = av.make_window(21, pattern=pattern, seed=3)
     reference = av.fused(window, out_hw)
     assert reference.shape == out_hw and reference.dtype == np.uint16
-    for variant in (av.naive_regions, av.naive_scores, av.fused_cells):
+    for variant in (av.naive_regions, av.naive_scores):
         assert np.array_equal(variant(window, out_hw), reference), variant.__name__
     identity = np.arange(1, 9, dtype=np.uint16)  # region index + 1: the raw argmax
     from segclip.runtime.assign import assign_pixels
 
-    for prune in (False, True):
-        assert np.array_equal(av.cell_labels(window.assign, identity, out_hw, prune),
-                              assign_pixels(window.assign, identity, out_hw))
+    raw = av.bilinear_upsample(window.assign, out_hw).argmax(axis=0)  # (H, W) region index
+    assert np.array_equal(assign_pixels(window.assign, identity, out_hw), identity[raw])
 
 
 def test_bilinear_upsample_equals_torch() -> None:
@@ -243,7 +242,7 @@ def test_assign_json_rows(assign_run: tuple[dict[str, Any], str]) -> None:
                                                        ([64, 64], 3), ([64, 64], 7)]
     for row in cpu:
         for key in ("fused_ms", "naive_ms", "fused_peak_mb", "naive_peak_mb",
-                    "naive_regions_ms", "naive_regions_peak_mb", "fused_cells_ms"):
+                    "naive_regions_ms", "naive_regions_peak_mb"):
             assert row[key] > 0, key
         assert row["speedup_naive"] == pytest.approx(row["naive_ms"] / row["fused_ms"])
     if not any(r["device"] == "cuda" for r in results["rows"]):
