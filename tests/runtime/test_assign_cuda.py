@@ -4,7 +4,7 @@ cuda-python; skipped elsewhere."""
 
 from __future__ import annotations
 
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -69,9 +69,6 @@ def test_threads_share_the_kernel() -> None:
             if not (assign_cuda.assign_windows_cuda(*cases[index]) == expected[index]).all():
                 failures.append(index)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    with ThreadPoolExecutor(4) as pool:  # re-raises a worker's exception
+        list(pool.map(worker, range(4)))
     assert not failures

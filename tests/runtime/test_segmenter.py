@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -106,11 +107,9 @@ def test_concurrent_first_use_computes_once(tiny_bundle: Path) -> None:
         barrier.wait()
         results.append(seg.embed_labels(LABELS))
 
-    threads = [threading.Thread(target=worker) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    with ThreadPoolExecutor(8) as pool:  # re-raises a worker's exception
+        for done in [pool.submit(worker) for _ in range(8)]:
+            done.result()
     assert seg.text_engine_calls == 1 and len(results) == 8
     assert all(r is results[0] for r in results)
 
@@ -184,11 +183,8 @@ def test_thread_safety(segmenter: Segmenter, images: list[np.ndarray]) -> None:
             if not (got == expected[which]).all():
                 failures.append(f"thread {index} image {which}")
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    with ThreadPoolExecutor(8) as pool:  # re-raises a worker's exception
+        list(pool.map(worker, range(8)))
     assert not failures
 
 

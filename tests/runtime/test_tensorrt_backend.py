@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -95,10 +96,7 @@ def test_threads_use_their_own_contexts(trt_bundle: Path) -> None:
             if not (seg.segment(inputs[which], LABELS).label_map == expected[which]).all():
                 failures.append(f"thread {index} image {which}")
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    with ThreadPoolExecutor(8) as pool:  # re-raises a worker's exception
+        list(pool.map(worker, range(8)))
     seg.close()
     assert not failures

@@ -21,6 +21,7 @@ import sys
 import threading
 import types
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -436,11 +437,8 @@ def test_threads_get_their_own_context_and_stream(stand_in: types.SimpleNamespac
             if not np.array_equal(got, image_tower(inputs[index])[contract.ASSIGN_OUTPUT]):
                 failures.append(index)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    with ThreadPoolExecutor(4) as pool:  # re-raises a worker's exception
+        list(pool.map(worker, range(4)))
     assert not failures
     assert len(engine.contexts) == 4  # one execution context per thread, reused
     streams = [stream for context in engine.contexts for stream in context.streams]
