@@ -9,7 +9,7 @@ official [T, H, W] score map). Times: warm-up, then the variants called round-ro
 each per round, so that load from other processes hits all alike), median / p90 / p99 with
 bootstrap CIs.
 Peak memory: one more call under `tracemalloc`, which sees numpy's allocations (timed calls run
-without it). Same-run ratios naive / fused are printed; rows per the issue:
+without it). Same-run ratios naive / fused are printed; JSON rows:
 `{"size": [H, W], "labels": T, "device": ..., "fused_ms": ..., "naive_ms": ...,
 "fused_peak_mb": ..., "naive_peak_mb": ...}` with `naive_*` = the [T, H, W] score-map variant
 and the [L, H, W] one under `naive_regions_*`. On a GPU: the runtime's fused CUDA kernel
