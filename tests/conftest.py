@@ -141,6 +141,15 @@ def tiny_bundle_model() -> Any:
 
 
 @pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_bundle_model: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """`tiny_bundle_model` saved as a checkpoint once per session (read-only: tests that damage
+    a checkpoint copy it first)."""
+    from segclip.checkpoint import save_checkpoint
+
+    return save_checkpoint(tiny_bundle_model, tmp_path_factory.mktemp("ckpt") / "ckpt.pt")
+
+
+@pytest.fixture(scope="session")
 def tiny_bundle(tiny_bundle_model: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """`tiny_bundle_model` exported once per session (fp32 + fp16 image graphs, verified) for the
     runtime and CLI tests. Read-only: tests that edit a bundle copy it first."""

@@ -1,4 +1,5 @@
-"""Export fixtures: one seeded tiny checkpoint and one bundle exported from it per session."""
+"""Export fixtures: the model of the shared `tiny_checkpoint` and one bundle exported from it
+per session."""
 
 from __future__ import annotations
 
@@ -6,23 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-SEED = 0
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny-preset checkpoint whose weights depend only on SEED."""
-    import torch
-
-    from segclip.checkpoint import save_checkpoint
-    from segclip.config import ModelConfig
-    from segclip.model import SegCLIP
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        model = SegCLIP(ModelConfig.preset("tiny"))
-    return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "ckpt.pt")
 
 
 @pytest.fixture(scope="session")

@@ -8,30 +8,13 @@ from pathlib import Path
 
 import pytest
 
-SEED = 0
-
 
 @pytest.fixture(scope="session")
-def rel_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny-preset checkpoint (weights depend only on SEED)."""
-    import torch
-
-    from segclip.checkpoint import save_checkpoint
-    from segclip.config import ModelConfig
-    from segclip.model import SegCLIP
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        model = SegCLIP(ModelConfig.preset("tiny"))
-    return save_checkpoint(model, tmp_path_factory.mktemp("rel_ckpt") / "ckpt.pt")
-
-
-@pytest.fixture(scope="session")
-def rel_bundle(rel_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`rel_checkpoint` exported (and parity-verified) as a bundle."""
+def rel_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tiny_checkpoint` exported (and parity-verified) as a bundle."""
     from segclip.export import export_bundle
 
-    return export_bundle(rel_checkpoint, tmp_path_factory.mktemp("rel_export") / "bundle")
+    return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("rel_export") / "bundle")
 
 
 @pytest.fixture(scope="session")

@@ -125,7 +125,7 @@ def stub_tensorrt_present(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("kind, command", CASES)
 def test_bad_bundle_is_one_line_error(kind: str, command: str, tmp_path: Path,
-                                      rel_bundle: Path, rel_checkpoint: Path, synth_world: Path,
+                                      rel_bundle: Path, tiny_checkpoint: Path, synth_world: Path,
                                       stub_tensorrt_present: None) -> None:
     engine = make_damaged_bundle(kind, rel_bundle, tmp_path)
     image = tmp_path / "photo.png"
@@ -137,7 +137,7 @@ def test_bad_bundle_is_one_line_error(kind: str, command: str, tmp_path: Path,
     if command == "verify":
         from segclip.export.cli import app
 
-        result = invoke(app, ["verify", engine, rel_checkpoint])
+        result = invoke(app, ["verify", engine, tiny_checkpoint])
     elif command == "eval":
         from segclip.cli.evaluate import app
 

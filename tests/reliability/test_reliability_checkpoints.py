@@ -56,14 +56,14 @@ def _run_checkpoint_command(command: str, ckpt: Path, tmp_path: Path, bundle: Pa
 @pytest.mark.parametrize("kind", sorted(CHECKPOINT_KINDS))
 @pytest.mark.parametrize("command", CHECKPOINT_COMMANDS)
 def test_bad_checkpoint_is_one_line_error(command: str, kind: str, tmp_path: Path,
-                                          rel_checkpoint: Path, rel_bundle: Path,
+                                          tiny_checkpoint: Path, rel_bundle: Path,
                                           synth_world: Path, run_copy: Path) -> None:
     if command == "train-resume":  # the run's own ckpt.pt is damaged; train_state.pt is fine
         ckpt = run_copy / "ckpt.pt"
         good = tmp_path / "good.pt"
         ckpt.rename(good)
     else:
-        ckpt, good = tmp_path / "bad" / "ckpt.pt", rel_checkpoint
+        ckpt, good = tmp_path / "bad" / "ckpt.pt", tiny_checkpoint
     write_bad_checkpoint(kind, good, ckpt, rel_bundle / "image.onnx")
     if command == "train-resume":
         good.unlink()
@@ -91,12 +91,12 @@ STATE_KINDS = {
 
 
 @pytest.mark.parametrize("kind", sorted(STATE_KINDS))
-def test_bad_train_state_is_one_line_error(kind: str, run_copy: Path, rel_checkpoint: Path,
+def test_bad_train_state_is_one_line_error(kind: str, run_copy: Path, tiny_checkpoint: Path,
                                            rel_bundle: Path, synth_world: Path) -> None:
     from segclip.cli.train import app
 
     state = run_copy / "train_state.pt"
-    write_bad_checkpoint(kind, rel_checkpoint, state, rel_bundle / "image.onnx")
+    write_bad_checkpoint(kind, tiny_checkpoint, state, rel_bundle / "image.onnx")
     before = snapshot(run_copy)
     result = invoke(app, ["--out", run_copy, "--data", synth_world, "--resume", "--quiet"])
     assert_user_error(result, STATE_KINDS[kind], str(state))
@@ -104,9 +104,9 @@ def test_bad_train_state_is_one_line_error(kind: str, run_copy: Path, rel_checkp
 
 
 # ---- foreign weights: --clip-weights, segclip-convert clip / official ---------------------------
-def _clip_state(rel_checkpoint: Path) -> dict:
+def _clip_state(tiny_checkpoint: Path) -> dict:
     """The tiny model's CLIP part: a valid CLIP state dict for `--config tiny`."""
-    state = torch.load(rel_checkpoint, weights_only=True)["state_dict"]
+    state = torch.load(tiny_checkpoint, weights_only=True)["state_dict"]
     return {k: v for k, v in state.items() if not k.startswith(("group.", "reconstruction."))}
 
 
@@ -125,11 +125,11 @@ CLIP_KINDS = {
 }
 
 
-def _write_clip_file(kind: str, path: Path, rel_checkpoint: Path, onnx_file: Path) -> Path:
+def _write_clip_file(kind: str, path: Path, tiny_checkpoint: Path, onnx_file: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = _clip_state(rel_checkpoint)
+    state = _clip_state(tiny_checkpoint)
     if kind == "segclip_checkpoint":
-        path.write_bytes(rel_checkpoint.read_bytes())
+        path.write_bytes(tiny_checkpoint.read_bytes())
     elif kind == "missing_key":
         state.pop("ln_final.weight")
         torch.save(state, path)
@@ -139,16 +139,16 @@ def _write_clip_file(kind: str, path: Path, rel_checkpoint: Path, onnx_file: Pat
     elif kind == "not_a_state_dict":
         torch.save([torch.zeros(2)], path)
     else:
-        write_bad_checkpoint(kind, rel_checkpoint, path, onnx_file)
+        write_bad_checkpoint(kind, tiny_checkpoint, path, onnx_file)
     return path
 
 
 @pytest.mark.parametrize("kind", sorted(CLIP_KINDS))
 @pytest.mark.parametrize("command", ["train-clip-weights", "convert-clip"])
 def test_bad_clip_weights_are_one_line_errors(command: str, kind: str, tmp_path: Path,
-                                              rel_checkpoint: Path, rel_bundle: Path,
+                                              tiny_checkpoint: Path, rel_bundle: Path,
                                               synth_world: Path) -> None:
-    source = _write_clip_file(kind, tmp_path / "in" / "clip.pt", rel_checkpoint,
+    source = _write_clip_file(kind, tmp_path / "in" / "clip.pt", tiny_checkpoint,
                               rel_bundle / "image.onnx")
     if command == "train-clip-weights":
         from segclip.cli.train import app
@@ -165,13 +165,13 @@ def test_bad_clip_weights_are_one_line_errors(command: str, kind: str, tmp_path:
     assert entries(tmp_path / "out") == []
 
 
-def test_valid_clip_weights_initialise_training(tmp_path: Path, rel_checkpoint: Path,
+def test_valid_clip_weights_initialise_training(tmp_path: Path, tiny_checkpoint: Path,
                                                 synth_world: Path) -> None:
     """The control case of the test above: the same file, undamaged, is accepted."""
     from segclip.cli.train import app
 
     source = tmp_path / "clip.pt"
-    torch.save(_clip_state(rel_checkpoint), source)
+    torch.save(_clip_state(tiny_checkpoint), source)
     result = invoke(app, ["--config", "tiny", "--recipe", "synth", "--data", synth_world,
                           "--out", tmp_path / "run", "--clip-weights", source, "--steps", "1",
                           "--batch-size", "2", "--quiet"])
@@ -192,7 +192,7 @@ OFFICIAL_KINDS = {
 
 
 @pytest.mark.parametrize("kind", sorted(OFFICIAL_KINDS))
-def test_bad_official_file_is_one_line_error(kind: str, tmp_path: Path, rel_checkpoint: Path,
+def test_bad_official_file_is_one_line_error(kind: str, tmp_path: Path, tiny_checkpoint: Path,
                                              rel_bundle: Path) -> None:
     from segclip.checkpoint import load_checkpoint
     from segclip.cli.convert import app
@@ -200,11 +200,11 @@ def test_bad_official_file_is_one_line_error(kind: str, tmp_path: Path, rel_chec
 
     source = tmp_path / "in" / "segclip.bin"
     source.parent.mkdir()
-    official = official_state_dict(load_checkpoint(rel_checkpoint))
+    official = official_state_dict(load_checkpoint(tiny_checkpoint))
     if kind == "segclip_checkpoint":
-        source.write_bytes(rel_checkpoint.read_bytes())
+        source.write_bytes(tiny_checkpoint.read_bytes())
     elif kind == "clip_weights":
-        torch.save(_clip_state(rel_checkpoint), source)
+        torch.save(_clip_state(tiny_checkpoint), source)
     elif kind == "missing_key":
         official.pop("clip.ln_final.weight")
         torch.save(official, source)
@@ -212,7 +212,7 @@ def test_bad_official_file_is_one_line_error(kind: str, tmp_path: Path, rel_chec
         official["clip.extra.weight"] = torch.zeros(2)
         torch.save(official, source)
     else:
-        write_bad_checkpoint(kind, rel_checkpoint, source, rel_bundle / "image.onnx")
+        write_bad_checkpoint(kind, tiny_checkpoint, source, rel_bundle / "image.onnx")
     result = invoke(app, ["official", source, "--text-heads", "4", "--out",
                           tmp_path / "out" / "ckpt.pt"])
     assert_user_error(result, OFFICIAL_KINDS[kind], str(source))

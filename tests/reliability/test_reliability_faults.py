@@ -171,7 +171,7 @@ def _check_complete_bundle(folder: Path) -> None:
     Bundle.open(folder)  # the runtime's own completeness checks
 
 
-def test_sigkilled_export_never_leaves_a_partial_bundle(rel_checkpoint: Path,
+def test_sigkilled_export_never_leaves_a_partial_bundle(tiny_checkpoint: Path,
                                                         tmp_path: Path) -> None:
     from _reliability_support import snapshot
 
@@ -180,7 +180,7 @@ def test_sigkilled_export_never_leaves_a_partial_bundle(rel_checkpoint: Path,
     old: dict[str, str] = {}
     outcomes = []
     for attempt in range(6):
-        process = subprocess.Popen(_cli("segclip.export.cli:app", "onnx", rel_checkpoint,
+        process = subprocess.Popen(_cli("segclip.export.cli:app", "onnx", tiny_checkpoint,
                                         "--out", target), env=ENV,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         start = time.monotonic()
@@ -207,7 +207,7 @@ def test_sigkilled_export_never_leaves_a_partial_bundle(rel_checkpoint: Path,
             old = now
     assert any(rc == -signal.SIGKILL for _, _, rc in outcomes), outcomes
     # a rerun after the kills always succeeds and leaves a complete bundle
-    rerun = subprocess.run(_cli("segclip.export.cli:app", "onnx", rel_checkpoint, "--out",
+    rerun = subprocess.run(_cli("segclip.export.cli:app", "onnx", tiny_checkpoint, "--out",
                                 target), env=ENV, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     _check_complete_bundle(target)

@@ -123,13 +123,13 @@ def _voc_with(kind: str, world: Path, tmp_path: Path) -> tuple[Path, str]:
 @pytest.mark.parametrize("model", ["checkpoint", "bundle"])
 @pytest.mark.parametrize("kind", sorted({**BAD, **ODD}))
 def test_eval_on_a_set_holding_the_image(kind: str, model: str, tmp_path: Path,
-                                         rel_checkpoint: Path, rel_bundle: Path,
+                                         tiny_checkpoint: Path, rel_bundle: Path,
                                          synth_world: Path) -> None:
     from segclip.cli.evaluate import app
 
     root, image = _voc_with(kind, synth_world, tmp_path)
     out = tmp_path / "res" / "eval.json"
-    result = invoke(app, [rel_checkpoint if model == "checkpoint" else rel_bundle, "--data", root,
+    result = invoke(app, [tiny_checkpoint if model == "checkpoint" else rel_bundle, "--data", root,
                           "--classes", synth_world / "classes.txt", "--out", out, "--quiet"])
     if kind in BAD:
         assert_user_error(result, image)

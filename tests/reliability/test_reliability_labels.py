@@ -65,7 +65,7 @@ BAD_CLASSES = {
 
 
 @pytest.mark.parametrize("kind", sorted(BAD_CLASSES))
-def test_eval_refuses_a_bad_class_list(kind: str, tmp_path: Path, rel_checkpoint: Path,
+def test_eval_refuses_a_bad_class_list(kind: str, tmp_path: Path, tiny_checkpoint: Path,
                                        synth_world: Path) -> None:
     from segclip.cli.evaluate import app
 
@@ -73,7 +73,7 @@ def test_eval_refuses_a_bad_class_list(kind: str, tmp_path: Path, rel_checkpoint
     classes = tmp_path / "classes.txt"
     classes.write_bytes(content)
     out = tmp_path / "res" / "eval.json"
-    result = invoke(app, [rel_checkpoint, "--data", synth_world / "val", "--classes", classes,
+    result = invoke(app, [tiny_checkpoint, "--data", synth_world / "val", "--classes", classes,
                           "--out", out, "--quiet"])
     assert_user_error(result, fragment, str(classes))
     assert not out.parent.exists()

@@ -110,7 +110,7 @@ def test_max_pixels_is_configurable_at_the_exact_boundary(tmp_path: Path,
 @pytest.mark.parametrize("claimed", [(12_000, 10_000), (30_000, 30_000)])
 @pytest.mark.parametrize("model", ["checkpoint", "bundle"])
 def test_eval_refuses_a_bomb_in_the_data_set(model: str, claimed: tuple[int, int],
-                                             tmp_path: Path, rel_checkpoint: Path,
+                                             tmp_path: Path, tiny_checkpoint: Path,
                                              rel_bundle: Path, synth_world: Path) -> None:
     import shutil
 
@@ -122,7 +122,7 @@ def test_eval_refuses_a_bomb_in_the_data_set(model: str, claimed: tuple[int, int
         old.unlink()
     bomb = png_bomb(root / "JPEGImages" / f"{first}.png", *claimed)
     out = tmp_path / "res" / "eval.json"
-    result = invoke(app, [rel_checkpoint if model == "checkpoint" else rel_bundle, "--data", root,
+    result = invoke(app, [tiny_checkpoint if model == "checkpoint" else rel_bundle, "--data", root,
                           "--classes", synth_world / "classes.txt", "--out", out, "--quiet"])
     assert_user_error(result, str(bomb))
     assert not out.parent.exists()
@@ -185,7 +185,7 @@ def test_run_output_names_stay_inside_out(tmp_path: Path, rel_bundle: Path,
 @pytest.mark.parametrize("where", ["existing_directory", "under_a_file"])
 @pytest.mark.parametrize("command", ["eval", "convert", "export", "train", "run"])
 def test_unusable_out_is_a_one_line_error(command: str, where: str, tmp_path: Path,
-                                          rel_checkpoint: Path, rel_bundle: Path,
+                                          tiny_checkpoint: Path, rel_bundle: Path,
                                           synth_world: Path) -> None:
     blocker = tmp_path / "taken"
     if where == "existing_directory":
@@ -202,16 +202,16 @@ def test_unusable_out_is_a_one_line_error(command: str, where: str, tmp_path: Pa
     if command == "eval":
         from segclip.cli.evaluate import app
 
-        args = [rel_checkpoint, "--data", synth_world / "val", "--classes",
+        args = [tiny_checkpoint, "--data", synth_world / "val", "--classes",
                 synth_world / "classes.txt", "--out", out, "--quiet"]
     elif command == "convert":
         from segclip.cli.convert import app
 
-        args = ["to-official", rel_checkpoint, "--out", out]
+        args = ["to-official", tiny_checkpoint, "--out", out]
     elif command == "export":
         from segclip.export.cli import app
 
-        args = ["onnx", rel_checkpoint, "--out", out]
+        args = ["onnx", tiny_checkpoint, "--out", out]
     elif command == "train":
         from segclip.cli.train import app
 

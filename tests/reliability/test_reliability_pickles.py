@@ -30,10 +30,10 @@ def marker(tmp_path: Path) -> Path:
 
 
 def test_crafted_files_do_run_code_when_fully_unpickled(tmp_path: Path,
-                                                         rel_checkpoint: Path) -> None:
+                                                         tiny_checkpoint: Path) -> None:
     """The probe is live: a plain `torch.load(weights_only=False)` of each file runs its code
     (in a child process, so nothing of it leaks into this one)."""
-    payload = torch.load(rel_checkpoint, weights_only=True)
+    payload = torch.load(tiny_checkpoint, weights_only=True)
     for name in VARIANTS:
         marker = tmp_path / f"{name}.marker"
         path = write_code_pickles(tmp_path / "files", marker, payload)[name]
@@ -46,10 +46,10 @@ def test_crafted_files_do_run_code_when_fully_unpickled(tmp_path: Path,
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("command", COMMANDS)
 def test_code_running_checkpoint_is_refused(command: str, variant: str, tmp_path: Path,
-                                            marker: Path, rel_checkpoint: Path,
+                                            marker: Path, tiny_checkpoint: Path,
                                             rel_bundle: Path, synth_world: Path,
                                             run_copy: Path) -> None:
-    payload = torch.load(rel_checkpoint, weights_only=True)
+    payload = torch.load(tiny_checkpoint, weights_only=True)
     evil = write_code_pickles(tmp_path / "evil", marker, payload)[variant]
     out = tmp_path / "out"
     if command.startswith("train-resume"):
@@ -91,7 +91,7 @@ def test_code_running_checkpoint_is_refused(command: str, variant: str, tmp_path
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_library_loaders_refuse_code(variant: str, tmp_path: Path, marker: Path,
-                                     rel_checkpoint: Path) -> None:
+                                     tiny_checkpoint: Path) -> None:
     """The functions behind the commands, called directly (Python API users)."""
     from segclip.checkpoint import load_checkpoint
     from segclip.config import ModelConfig
@@ -99,7 +99,7 @@ def test_library_loaders_refuse_code(variant: str, tmp_path: Path, marker: Path,
     from segclip.errors import SegclipError
     from segclip.model import SegCLIP
 
-    payload = torch.load(rel_checkpoint, weights_only=True)
+    payload = torch.load(tiny_checkpoint, weights_only=True)
     evil = write_code_pickles(tmp_path / "evil", marker, payload)[variant]
     model = SegCLIP(ModelConfig.preset("tiny"))
     for load in (load_checkpoint, lambda p: load_clip_weights(model, p), load_official):
