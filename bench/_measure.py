@@ -46,28 +46,9 @@ def _no_sync() -> None:
 
 def time_calls(fn: Callable[[], Any], limits: LoopLimits = LoopLimits(),
                sync: Callable[[], None] | None = None) -> list[float]:
-    """Seconds of each timed call of `fn` (after `limits.warmup` untimed calls)."""
-    sync = sync or _no_sync
-    start = time.perf_counter()
-    for _ in range(max(limits.warmup, 1)):
-        fn()
-        sync()
-        if time.perf_counter() - start >= limits.warmup_seconds:
-            break
-    samples: list[float] = []
-    start = time.perf_counter()
-    while True:
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        samples.append(time.perf_counter() - t0)
-        spent = time.perf_counter() - start
-        if len(samples) >= limits.max_iters or (spent >= limits.max_seconds
-                                                  and len(samples) >= 3):
-            return samples
-        if len(samples) >= limits.min_iters and spent >= limits.min_seconds:
-            return samples
+    """Seconds of each timed call of `fn` (after `limits.warmup` untimed calls): the
+    one-function case of `time_interleaved`."""
+    return time_interleaved({"fn": fn}, limits, sync)["fn"]
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], limits: LoopLimits = LoopLimits(),

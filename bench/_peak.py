@@ -9,6 +9,7 @@ a tower's rate says how close it got to what a GEMM gets on the same cores in th
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,18 @@ def _rate(flops: float, seconds: list[float]) -> dict[str, float]:
             "best_gflops": flops / min(seconds) / 1e9}
 
 
+def _gemm_seconds(gemm: Callable[[], Any], repeats: int) -> list[float]:
+    """Seconds of each of `repeats` timed calls of `gemm`, after 2 untimed ones."""
+    for _ in range(2):
+        gemm()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        gemm()
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def cpu_fp32_peak(threads: int, size: int = CPU_SIZE, repeats: int = REPEATS) -> dict[str, Any]:
     """fp32 GEMM rates on the CPU; "peak_gflops" is the best median over the libraries."""
     flops = 2.0 * size ** 3
@@ -30,14 +43,7 @@ def cpu_fp32_peak(threads: int, size: int = CPU_SIZE, repeats: int = REPEATS) ->
     a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
     out: dict[str, Any] = {"size": size, "threads": threads, "dtype": "float32"}
     c = np.empty_like(a)
-    for _ in range(2):
-        np.matmul(a, b, out=c)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        np.matmul(a, b, out=c)
-        times.append(time.perf_counter() - start)
-    out["numpy"] = _rate(flops, times)
+    out["numpy"] = _rate(flops, _gemm_seconds(lambda: np.matmul(a, b, out=c), repeats))
     try:
         import torch
     except ImportError:
@@ -46,13 +52,7 @@ def cpu_fp32_peak(threads: int, size: int = CPU_SIZE, repeats: int = REPEATS) ->
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
         ta, tb, tc = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(c)
-        for _ in range(2):
-            torch.mm(ta, tb, out=tc)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            torch.mm(ta, tb, out=tc)
-            times.append(time.perf_counter() - start)
+        times = _gemm_seconds(lambda: torch.mm(ta, tb, out=tc), repeats)
         torch.set_num_threads(previous)
         out["torch"] = _rate(flops, times)
     out["peak_gflops"] = max(v["median_gflops"] for k, v in out.items()

@@ -45,6 +45,25 @@ def _pyplot() -> Any:
     return plt
 
 
+def _log_axes(ax: Any, xlabel: str, ylabel: str, title: str) -> None:
+    """Log2 x, log y, labels, title, grid and legend of a latency plot."""
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+
+
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    """Write `fig` to `path` (PNG, 120 dpi), close it, return `path`."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_latency(results: dict[str, Any], path: Path) -> Path | None:
     """Image-tower median latency (with its CI) against batch, one line per backend."""
     plt = _pyplot()
@@ -64,17 +83,9 @@ def plot_latency(results: dict[str, Any], path: Path) -> Path | None:
     if not drawn:
         plt.close(fig)
         return None
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("batch (images)")
-    ax.set_ylabel("image tower median latency (ms)")
-    ax.set_title(f"{results['machine_slug']}: image tower")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    _log_axes(ax, "batch (images)", "image tower median latency (ms)",
+              f"{results['machine_slug']}: image tower")
+    return _save(plt, fig, path)
 
 
 def plot_roofline(results: dict[str, Any], path: Path) -> Path | None:
@@ -96,10 +107,7 @@ def plot_roofline(results: dict[str, Any], path: Path) -> Path | None:
     ax.set_ylabel("% of measured matmul peak")
     ax.set_title(f"{results['machine_slug']}: image tower roofline fraction")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_assign(results: dict[str, Any], path: Path) -> Path | None:
@@ -115,17 +123,9 @@ def plot_assign(results: dict[str, Any], path: Path) -> Path | None:
         ax.plot([r["size"][0] for r in rows],
                 [r["variants"][name]["latency"]["median_ms"] for r in rows], marker="o",
                 label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("output side H = W (pixels)")
-    ax.set_ylabel("median ms")
-    ax.set_title(f"{results['machine_slug']}: label assignment, {labels} labels (cpu)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    _log_axes(ax, "output side H = W (pixels)", "median ms",
+              f"{results['machine_slug']}: label assignment, {labels} labels (cpu)")
+    return _save(plt, fig, path)
 
 
 def _link(plot: Path, out: Path) -> str:
