@@ -20,6 +20,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from segclip.export.blocks import lean_blocks
 from segclip.export.errors import ExportError
 from segclip.export.wrappers import ImageEncoderOnnx, TextEncoderOnnx
 from segclip.model import SegCLIP
@@ -124,22 +125,29 @@ def _mha_fastpath(enabled: bool) -> Iterator[None]:
 
 
 def export_image_onnx(model: SegCLIP, path: Path, opset: int) -> None:
-    """Write the image tower as ONNX (model: eval mode, float32, CPU)."""
+    """Write the image tower as ONNX (model: eval mode, float32, CPU), its ViT blocks as
+    `LeanBlock`s: grid² patch tokens before the group, L region tokens after it."""
     c = model.config
     example = torch.randn(EXAMPLE_BATCH, 3, c.image_size, c.image_size,
                           generator=torch.Generator().manual_seed(0))
-    _export(ImageEncoderOnnx(model).eval(), example, path, opset, *image_specs(model))
+    blocks = model.visual.transformer.resblocks
+    tokens = [c.grid_size ** 2] * c.group_layer + [c.num_centers] * (len(blocks) - c.group_layer)
+    with lean_blocks(blocks, tokens):
+        _export(ImageEncoderOnnx(model).eval(), example, path, opset, *image_specs(model))
 
 
 def export_text_onnx(model: SegCLIP, path: Path, opset: int) -> None:
-    """Write the text tower as ONNX; the example holds EOT at different positions."""
+    """Write the text tower as ONNX (blocks as `LeanBlock`s on C tokens); the example holds EOT
+    at different positions."""
     c = model.config
     example = torch.zeros(EXAMPLE_BATCH, c.context_length, dtype=torch.int64)  # (T, C)
     for row, length in enumerate((5, 9)):
         example[row, 0] = c.vocab_size - 2  # SOT
         example[row, 1:length - 1] = torch.arange(400, 400 + length - 2)
         example[row, length - 1] = c.vocab_size - 1  # EOT: the largest id (argmax)
-    _export(TextEncoderOnnx(model).eval(), example, path, opset, *text_specs(model))
+    blocks = model.transformer.resblocks
+    with lean_blocks(blocks, [c.context_length] * len(blocks)):
+        _export(TextEncoderOnnx(model).eval(), example, path, opset, *text_specs(model))
 
 
 def _dims(value_info: onnx.ValueInfoProto) -> tuple[str | int, ...]:

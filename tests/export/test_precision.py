@@ -51,16 +51,16 @@ def test_only_the_vit_blocks_before_the_group_are_quantised(
     integer = {n.name for n in int8_graph.node if n.op_type == "MatMulInteger"}
     before = [n for n in products
               if BLOCK.match(n.name) and int(BLOCK.match(n.name).group(1)) < group_layer]
-    assert group_layer == 4 and len(before) == 4 * 4  # qkv, out, c_fc, c_proj per block
+    assert group_layer == 4 and len(before) == 4 * 6  # q, k, v, out, c_fc, c_proj per block
     for node in before:
         name = _int8_name(node)
         assert f"{name}_quant" in integer and name not in float_matmuls, node.name
     kept = [n for n in products if n not in before]
     kept_names = {n.name for n in kept}
-    # 2 cross-attention blocks x 6 + the region MLP's 2; 2 blocks on the regions x 4; proj
+    # 2 cross-attention blocks x 6 + the region MLP's 2; 2 blocks on the regions x 6; proj
     assert sum(name.startswith("/group/") for name in kept_names) == 2 * 6 + 2
-    assert {"/resblocks.4/mlp/c_fc/MatMul", "/resblocks.5/attn/Gemm", "/MatMul"} <= kept_names
-    assert len(kept) == 2 * 6 + 2 + 2 * 4 + 1
+    assert {"/resblocks.4/mlp/c_fc/Gemm", "/resblocks.5/q_proj/Gemm", "/MatMul"} <= kept_names
+    assert len(kept) == 2 * 6 + 2 + 2 * 6 + 1
     for node in kept:
         name = _int8_name(node)
         assert name in float_matmuls and f"{name}_quant" not in integer, node.name
@@ -71,20 +71,23 @@ def test_kept_float32_weights_are_unchanged(bundle: Path, int8_graph: onnx.Graph
     fp32 = onnx.load(str(bundle / contract.IMAGE_ONNX)).graph
     before = {i.name: onnx.numpy_helper.to_array(i) for i in fp32.initializer}
     after = {i.name: i for i in int8_graph.initializer}
-    for name in ("/group/cross_blocks.0/mlp/c_fc/MatMul", "/resblocks.5/mlp/c_proj/MatMul"):
-        weight = next(n for n in fp32.node if n.name == name).input[1]
+    for name in ("/group/cross_blocks.0/mlp/c_fc/MatMul", "/resblocks.5/mlp/c_proj/Gemm"):
+        node = next(n for n in fp32.node if n.name == name)
+        want = before[node.input[1]]  # a Gemm (transB=1) becomes MatMul @ W^T
+        want = want.T if node.op_type == "Gemm" else want
+        weight = next(n for n in int8_graph.node if n.name == _int8_name(node)).input[1]
         assert after[weight].data_type == onnx.TensorProto.FLOAT
-        np.testing.assert_array_equal(onnx.numpy_helper.to_array(after[weight]), before[weight])
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(after[weight]), want)
 
 
 def test_int8_exclusions_list_gemm_aliases(bundle: Path, group_layer: int) -> None:
     names = precision.int8_exclusions(onnx.load(str(bundle / contract.IMAGE_ONNX)).graph,
                                       group_layer)
     assert {"/group/cross_blocks.1/attn/Gemm", "/group/cross_blocks.1/attn/Gemm_MatMul",
-            "/group/out_mlp/fc2/MatMul", "/resblocks.4/attn/Gemm_MatMul", "/MatMul"} <= set(names)
+            "/group/out_mlp/fc2/MatMul", "/resblocks.4/out_proj/Gemm_MatMul", "/MatMul"} <= set(names)
     assert not any(precision.quantised_in_int8(name, group_layer) for name in names)
-    assert precision.quantised_in_int8("/resblocks.3/attn/Gemm_MatMul", group_layer)
-    assert not precision.quantised_in_int8("/resblocks.4/attn/Gemm_MatMul", group_layer)
+    assert precision.quantised_in_int8("/resblocks.3/out_proj/Gemm_MatMul", group_layer)
+    assert not precision.quantised_in_int8("/resblocks.4/out_proj/Gemm_MatMul", group_layer)
     assert not precision.quantised_in_int8("/group/resblocks.0/x", group_layer)
 
 
