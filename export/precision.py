@@ -36,7 +36,8 @@ FP16_KEEP_FLOAT32 = ("LayerNormalization", "Softmax", "ReduceMax", "ReduceMean",
 INT8_OP_TYPES = ("MatMul", "Gemm")
 # The int8 graph quantises the MatMul/Gemm weights of the ViT blocks on the patch tokens only,
 # resblocks[0, group_layer) (node names carry module paths: "/resblocks.3/mlp/c_fc/Gemm").
-# Everything else stays float32: module (node names) -> why. Figures: ONNX Runtime CPU vs
+# Everything else stays float32: module (node names) -> why. Figures (measured on the
+# `nn.MultiheadAttention` trace, before `LeanBlock`s): ONNX Runtime CPU vs
 # PyTorch, export parity cases unless noted; README "Export and TensorRT" and
 # bench/results/cpu-2core-intel-xeon/precision-demo-tiny.json (trained model, eval split).
 INT8_KEEP_FLOAT32 = {

@@ -84,7 +84,8 @@ def test_int8_exclusions_list_gemm_aliases(bundle: Path, group_layer: int) -> No
     names = precision.int8_exclusions(onnx.load(str(bundle / contract.IMAGE_ONNX)).graph,
                                       group_layer)
     assert {"/group/cross_blocks.1/attn/Gemm", "/group/cross_blocks.1/attn/Gemm_MatMul",
-            "/group/out_mlp/fc2/MatMul", "/resblocks.4/out_proj/Gemm_MatMul", "/MatMul"} <= set(names)
+            "/group/out_mlp/fc2/MatMul", "/resblocks.4/out_proj/Gemm_MatMul",
+            "/MatMul"} <= set(names)
     assert not any(precision.quantised_in_int8(name, group_layer) for name in names)
     assert precision.quantised_in_int8("/resblocks.3/out_proj/Gemm_MatMul", group_layer)
     assert not precision.quantised_in_int8("/resblocks.4/out_proj/Gemm_MatMul", group_layer)
