@@ -101,12 +101,12 @@ def lean_blocks(blocks: nn.ModuleList, tokens: Sequence[int]) -> Iterator[int]:
     original = list(blocks)
     if len(tokens) != len(original):
         raise ValueError(f"{len(original)} blocks but {len(tokens)} token counts")
-    replaced = 0
-    for i, (block, n) in enumerate(zip(original, tokens)):
-        if is_standard(block):
-            blocks[i] = LeanBlock(block, n)
-            replaced += 1
     try:
+        replaced = 0
+        for i, (block, n) in enumerate(zip(original, tokens)):
+            if is_standard(block):
+                blocks[i] = LeanBlock(block, n)
+                replaced += 1
         yield replaced
     finally:
         for i, block in enumerate(original):
