@@ -130,7 +130,8 @@ def _why(results: dict[str, Any], name: str) -> str:
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets, evaluated on whatever this run measured (met: None = not measured)."""
+    """The published performance targets, evaluated on whatever this run measured (met: None =
+    not measured)."""
     out = []
     image = {name: _ok(b["image"], "batch") for name in ("ort-cpu", "ort-int8", "trt-fp16")
              if (b := _backend(results, name)) and b.get("status") == "ok"}

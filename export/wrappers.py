@@ -1,7 +1,8 @@
 """Export-only wrappers (STYLE.md: SAM's `SamOnnxModel`): the graph I/O of the bundle contract.
 
 They call the model's own `encode_image` / `encode_text`, so the exported graphs are the eager
-inference path: hard assignment by argmax written as `x == max(x)` (no scatter, no OneHot), no
+inference path (`onnx_graph` traces the transformer blocks as their `LeanBlock` equivalents,
+export/blocks.py): hard assignment by argmax written as `x == max(x)` (no scatter, no OneHot), no
 Gumbel noise, patch grid taken from the conv output shape. The wrapped model must be in eval mode;
 the wrappers refuse a training-mode model because its forward would sample Gumbel noise.
 

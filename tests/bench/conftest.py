@@ -33,7 +33,7 @@ def bench_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def latency_run(bench_bundle: Path, tmp_path_factory: pytest.TempPathFactory,
                 ) -> tuple[dict[str, Any], str]:
-    """latency.py on every backend of the issue, in-process jobs; (JSON results, stdout)."""
+    """latency.py on every backend it knows, in-process jobs; (JSON results, stdout)."""
     out = tmp_path_factory.mktemp("latency") / "latency.json"
     proc = run_script("latency.py", "--bundle", str(bench_bundle), "--checkpoint",
                       str(bench_bundle.parent / "ckpt.pt"),

@@ -2,7 +2,7 @@
 against torch's counter, the assignment variants against each other, and the three scripts
 run end to end on a tiny bundle producing well-formed JSON and markdown.
 
-Figures are never compared with the issue's targets here: those are read from real runs.
+Figures are never compared with the performance targets here: those are read from real runs.
 """
 
 from __future__ import annotations

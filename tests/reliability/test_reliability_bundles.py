@@ -1,4 +1,4 @@
-"""Issue 7.1, bundles: damaged, foreign or mismatched bundles given to segclip-run, segclip-eval
+"""Bad input, bundles: damaged, foreign or mismatched bundles given to segclip-run, segclip-eval
 and segclip-export verify give one `error:` line, exit code 2, no traceback and write nothing.
 
 Kinds: an ONNX file that is not a bundle, a folder with a graph but no manifest, a missing or

@@ -1,4 +1,4 @@
-"""Issue 7.1, checkpoints: every command that reads a checkpoint or foreign weights answers a bad
+"""Bad input, checkpoints: every command that reads a checkpoint or foreign weights answers a bad
 file with one `error:` line on stderr, exit code 2, no traceback and nothing written.
 
 Commands: segclip-export onnx / verify, segclip-eval, segclip-convert to-official / clip /

@@ -1,4 +1,4 @@
-"""Issue 7.4: faults. Processes killed with SIGKILL at seeded-random moments, and while they write,
+"""Faults: processes killed with SIGKILL at seeded-random moments, and while they write,
 never leave a file or bundle that looks complete but is not, and a rerun finishes the work.
 
 - segclip-train: whatever `ckpt.pt` exists after a kill loads; `--resume` continues from it and

@@ -1,4 +1,4 @@
-"""Issue 7.1, labels: bad labels files are one-line errors (exit 2, nothing written) in segclip-run
+"""Bad input, labels: bad labels files are one-line errors (exit 2, nothing written) in segclip-run
 and bad class lists in segclip-eval; 10,000 labels work with bounded memory; a label longer than
 the text context is truncated with a warning. (tests/cli/test_cli_run.py covers a missing file
 and a file of comments only; tests/runtime/test_labels.py the parser itself.)

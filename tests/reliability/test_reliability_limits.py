@@ -1,4 +1,4 @@
-"""Issue 7.3, limits: images above the pixel limit (default 100 megapixels, `--max-pixels` /
+"""Resource limits: images above the pixel limit (default 100 megapixels, `--max-pixels` /
 `max_pixels`) are refused from their header, before any pixel is decoded, in time and memory that
 stay tiny (decompression bombs: ~100-byte PNGs claiming huge sizes); output names never leave
 `--out`; an unusable `--out` is a one-line error in every command.

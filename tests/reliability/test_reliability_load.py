@@ -1,4 +1,4 @@
-"""Issue 7.5, load: one `Segmenter` shared by 8 threads over 200 images gives exactly the
+"""Concurrent load: one `Segmenter` shared by 8 threads over 200 images gives exactly the
 sequential results; 5,000 consecutive `segment` calls grow resident memory by < 5% after warm-up
 (marked `slow`; opt in with `-m slow`).
 """

@@ -1,6 +1,6 @@
-"""Issue 7.2: no code execution from files. A checkpoint crafted to run code when unpickled (its
-`__reduce__` writes a marker file) is refused by every command that reads checkpoints, and the
-marker never appears.
+"""Untrusted files: no code execution from files. A checkpoint crafted to run code when
+unpickled (its `__reduce__` writes a marker file) is refused by every command that reads
+checkpoints, and the marker never appears.
 
 segclip-convert official / clip / to-official are covered by
 tests/cli/test_cli_convert.py::test_code_running_pickle_is_refused; this file covers the rest:

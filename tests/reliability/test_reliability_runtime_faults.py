@@ -1,4 +1,4 @@
-"""Issue 7.4, segclip-run killed midway: SIGKILL at seeded-random moments and while a result file
+"""Faults, segclip-run killed midway: SIGKILL at seeded-random moments and while a result file
 is being written leaves only complete outputs (every NAME.json has a complete NAME.png and
 NAME_overlay.jpg; every visible image file decodes), and `--skip-existing` then finishes the
 rest without redoing finished images, giving the same files as an uninterrupted run.
