@@ -190,11 +190,10 @@ def measure(args: argparse.Namespace, precisions: list[str], bundle_dir: Path,
 def _runners(bundle: Any, precision: str, threshold: float, threads: int) -> dict[str, Any]:
     import onnxruntime as ort
 
+    from bench._towers import ort_options
     from segclip.runtime import Segmenter
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    session = ort.InferenceSession(str(bundle.image_onnx(precision)), options,
+    session = ort.InferenceSession(str(bundle.image_onnx(precision)), ort_options(threads),
                                    providers=["CPUExecutionProvider"])
     segmenter = Segmenter(bundle, device="cpu", variant=precision, threshold=threshold,
                           threads=threads)

@@ -24,8 +24,6 @@ def _progress(message: str) -> None:
     typer.echo(message, err=True)
 
 
-
-
 @app.command("onnx")
 def onnx_command(
     checkpoint: Annotated[Path, typer.Argument(help="segclip checkpoint (ckpt.pt)")],

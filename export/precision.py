@@ -10,11 +10,11 @@ reference/runtime-practice.md pitfall 2, "FP16 transformer overflow").
   quantised (94 % of the `vit-b16` FLOPs); the group (paper §2.2) and everything after it stay
   float32 (`INT8_KEEP_FLOAT32`), as do activation x activation products. Quantising the group
   flips the patch -> center argmax of near-tied patches (region-argmax agreement with PyTorch on
-  `vit-b16` random weights 92.95 % with it, 98.65 % without), and quantising the blocks after it
-  flips region labels. The trained demo models pass the 99 % bar (99.97 %; the earlier
-  2-cross-layer one 99.59 %); random weights
-  may not (`vit-b16` 98.65 %, `tiny` 98.6-99.3 %), because the int8 noise of the ViT blocks
-  alone flips near-tied assignments there.
+  `vit-b16` random weights, `nn.MultiheadAttention` trace: 92.95 % with it, 98.65 % without),
+  and quantising the blocks after it flips region labels. The trained demo models pass the
+  99 % bar (99.95 %; the earlier 2-cross-layer one 99.59 %); random weights may not (`vit-b16`
+  98.50 %, `tiny` 98.6-99.3 %), because the int8 noise of the ViT blocks alone flips near-tied
+  assignments there.
 """
 
 from __future__ import annotations
@@ -50,8 +50,7 @@ INT8_KEEP_FLOAT32 = {
         "they decide each region's label, not the assignment: int8 there flipped the label of "
         "a whole region (earlier demo model on the eval split: label maps 99.85 % vs 99.97 % "
         "equal to PyTorch's, mIoU 5.68 vs 5.76 %); L = 8 tokens, 0.8 % of the FLOPs, but fp32 "
-        "weight "
-        "traffic: int8 speed-up over fp32 on vit-b16 3.1x -> 2.9x (1 thread, batch 1)",
+        "weight traffic: int8 speed-up over fp32 on vit-b16 3.1x -> 2.9x (1 thread, batch 1)",
 }
 # Alternatives measured on vit-b16 random weights, region-argmax agreement (int8 / fp32 speed):
 # each ViT block kept float32 gains 0.4-0.6 points alone, ~1.4 all ten; the blocks' c_fc kept

@@ -34,8 +34,6 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
-
-
 @app.command()
 def main(
     images: Annotated[list[Path], typer.Argument(

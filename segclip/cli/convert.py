@@ -14,8 +14,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Convert official SegCLIP / CLIP weights to and from segclip checkpoints.")
 
 
-
-
 @app.command()
 def official(
     source: Annotated[Path, typer.Argument(help="The official segclip.bin (a state dict).")],

@@ -14,8 +14,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Prepare training and evaluation data.")
 
 
-
-
 @app.command()
 def synth(
     out: Annotated[Path, typer.Argument(help="New (or empty) output folder.")],

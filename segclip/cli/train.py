@@ -22,8 +22,6 @@ from segclip.errors import ConfigError, SegclipError
 app = typer.Typer(add_completion=False, help="Train SegCLIP (paper §3.2).")
 
 
-
-
 def parse_assignments(items: list[str], option: str) -> dict[str, Any]:
     """['a=1', 'b=true', 'c=x'] -> {'a': 1, 'b': True, 'c': 'x'}."""
     out: dict[str, Any] = {}
