@@ -7,7 +7,7 @@ PYTHON ?= python3
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[train,dev]'
+	$(PY) -m pip install -q -e '.[train,serve,openvino,ray,dev]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -1,4 +1,4 @@
-"""Benchmarks (DESIGN.md `bench/`): scripts with a `main()`, helpers in `bench/_*.py`.
+"""Benchmarks (docs/architecture.md `bench/`): scripts with a `main()`, helpers in `bench/_*.py`.
 
 A package only so that the helpers import as `bench._stats` etc. from the scripts and the tests.
 """

@@ -1,4 +1,4 @@
-"""Label-assignment variants compared by bench/assign.py (DESIGN.md "Label assignment").
+"""Label-assignment variants compared by bench/assign.py (docs/architecture.md "Label assignment").
 
 Every variant maps one window's image-tower outputs and the label embeddings to an (H, W) uint16
 label map; all compute the region scores P the same way (`segclip.runtime.assign.region_scores`)

@@ -1,4 +1,4 @@
-"""Analytic FLOP counts of the SegCLIP towers (paper §2.1-2.2; DESIGN.md "The model").
+"""Analytic FLOP counts of the SegCLIP towers (paper §2.1-2.2; docs/architecture.md "The model").
 
 Only matrix products are counted (FLOP = 2 x multiply-accumulate), which is what
 `torch.utils.flop_counter.FlopCounterMode` counts (conv, mm/addmm/bmm, attention kernels);

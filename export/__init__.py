@@ -1,4 +1,5 @@
-"""segclip.export: PyTorch checkpoint -> bundle (ONNX, TensorRT) (DESIGN.md "Bundle contract").
+"""segclip.export: PyTorch checkpoint -> bundle (ONNX, TensorRT) (docs/architecture.md "Bundle
+contract").
 
 Names are imported on first use so that `segclip-export --help` and the error paths stay fast.
 """

@@ -1,4 +1,5 @@
-"""The bundle writer (DESIGN.md "Bundle contract"): checkpoint -> verified bundle directory.
+"""The bundle writer (docs/architecture.md "Bundle contract"): checkpoint -> verified bundle
+directory.
 
 Steps: image.onnx and text.onnx (pinned TorchScript exporter, graph checks), optional
 image.fp16.onnx / image.int8.onnx, tokenizer.json, parity against PyTorch eager, segclip.json last.

@@ -1,4 +1,5 @@
-"""`segclip-export`: checkpoint -> ONNX bundle, parity re-check, TensorRT engines (DESIGN.md
+"""`segclip-export`: checkpoint -> ONNX bundle, parity re-check, TensorRT engines
+(docs/architecture.md
 "Command contracts").
 
 Thin typer commands over `export_bundle`, `verify_bundle` and `build_engines`. Progress goes to

@@ -1,4 +1,5 @@
-"""Export errors (DESIGN.md "Command contracts"): every user-visible failure of `segclip-export`.
+"""Export errors (docs/architecture.md "Command contracts"): every user-visible failure of
+`segclip-export`.
 
 Each class subclasses `segclip.errors.SegclipError`, so the CLI prints its message on one line and
 exits with code 2, and the builtin exception a caller would expect.

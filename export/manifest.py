@@ -1,4 +1,5 @@
-"""`segclip.json`, the bundle manifest (DESIGN.md "Bundle contract"), and its summary table.
+"""`segclip.json`, the bundle manifest (docs/architecture.md "Bundle contract"), and its summary
+table.
 
 Layout (version 1):
     format, version

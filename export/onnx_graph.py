@@ -1,4 +1,5 @@
-"""ONNX export of the two towers and the graph checks every exported file passes (DESIGN.md
+"""ONNX export of the two towers and the graph checks every exported file passes
+(docs/architecture.md
 "Bundle contract"; reference/runtime-practice.md "ONNX export of ViTs").
 
 The exporter is pinned: `torch.onnx.export(..., dynamo=False)`, the TorchScript exporter, whose

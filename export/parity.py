@@ -1,4 +1,5 @@
-"""Parity of the exported graphs with PyTorch eager (DESIGN.md "segclip-export onnx ... verified
+"""Parity of the exported graphs with PyTorch eager (docs/architecture.md "segclip-export onnx ...
+verified
 against PyTorch"; STYLE.md test kind 1: a stated tolerance against a literal reference).
 
 ONNX Runtime (CPU) runs every graph of the bundle on random images and on generated "real-looking"

@@ -1,4 +1,5 @@
-"""Reduced-precision variants of the image graph (DESIGN.md "Bundle contract": image.fp16.onnx;
+"""Reduced-precision variants of the image graph (docs/architecture.md "Bundle contract":
+image.fp16.onnx;
 reference/runtime-practice.md pitfall 2, "FP16 transformer overflow").
 
 - fp16: `onnxruntime.transformers.float16` (no extra dependency) with float32 graph I/O; norms,

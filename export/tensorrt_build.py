@@ -1,4 +1,5 @@
-"""TensorRT engines for a bundle (DESIGN.md "Bundle contract": image.plan, text.plan, one manifest
+"""TensorRT engines for a bundle (docs/architecture.md "Bundle contract": image.plan, text.plan,
+one manifest
 entry per engine; reference/runtime-practice.md "TensorRT 10.x").
 
 Written against the TensorRT 10 Python API: `create_network(0)` (explicit batch is implicit),

@@ -1,4 +1,5 @@
-"""Build the bundle's `tokenizer.json` from open_clip's CLIP BPE (DESIGN.md "Bundle contract").
+"""Build the bundle's `tokenizer.json` from open_clip's CLIP BPE (docs/architecture.md "Bundle
+contract").
 
 The runtime tokenises without torch through the Hugging Face `tokenizers` library
 (`segclip.runtime.tokenizer`); this module writes the file it reads, so that the pair equals

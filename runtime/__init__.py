@@ -1,4 +1,5 @@
-"""segclip.runtime: the torch-free inference side of SegCLIP (DESIGN.md "Layout and packages").
+"""segclip.runtime: the torch-free inference side of SegCLIP (docs/architecture.md "Layout and
+packages").
 
 numpy, pillow, onnxruntime and `tokenizers` only; TensorRT lives in one backend module that is
 imported on demand. Nothing under this package may import torch (tested). The public names are

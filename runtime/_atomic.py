@@ -1,4 +1,4 @@
-"""Atomic file writes (DESIGN.md "Command contracts": nothing half-written).
+"""Atomic file writes (docs/architecture.md "Command contracts": nothing half-written).
 
 Write to a temporary file in the target directory, fsync, then `os.replace` over the target, so a
 reader sees the old file or the complete new one, never a partial file.

@@ -1,4 +1,4 @@
-"""Fused label assignment on the GPU (DESIGN.md "Label assignment", step 3; paper §2.5).
+"""Fused label assignment on the GPU (docs/architecture.md "Label assignment", step 3; paper §2.5).
 
 The CUDA twin of `segclip.runtime.assign.assign_windows`: one thread per output pixel reads the
 owning window's L soft-assignment maps at its two row and two column taps, interpolates them,

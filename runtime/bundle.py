@@ -1,4 +1,5 @@
-"""The bundle reader (DESIGN.md "Bundle contract"): `segclip.json` checked against its files.
+"""The bundle reader (docs/architecture.md "Bundle contract"): `segclip.json` checked against its
+files.
 
 `Bundle.open(path)` takes a bundle directory, or a path to one of its engines (`image.onnx`,
 `image.fp16.onnx`, `image.int8.onnx`, `image.plan`: the file then also says which engine to run)

@@ -1,4 +1,4 @@
-"""`segclip-run`: segment images with a bundle (DESIGN.md "Command contracts").
+"""`segclip-run`: segment images with a bundle (docs/architecture.md "Command contracts").
 
     segclip-run --engine bundle/ --labels labels.txt photos/ extra.jpg
     segclip-run --engine bundle/image.plan --labels labels.txt --out out/run --device cuda img.png

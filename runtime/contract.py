@@ -1,4 +1,5 @@
-"""The export <-> runtime contract: bundle files, tensor names, dtypes and defaults (DESIGN.md).
+"""The export <-> runtime contract: bundle files, tensor names, dtypes and defaults
+(docs/architecture.md).
 
 Defined once, here, on the side that cannot import torch; `segclip.export` imports it.
 Layouts: B images, 3 channels, S window side, L regions (centers), h x w patch grid, D embedding

@@ -1,4 +1,5 @@
-"""Runtime errors (DESIGN.md "Command contracts"): every user mistake the runtime can detect.
+"""Runtime errors (docs/architecture.md "Command contracts"): every user mistake the runtime can
+detect.
 
 Each class subclasses `segclip.errors.SegclipError`, so `segclip-run` prints the message on one
 line and exits with code 2, and the builtin exception a caller would expect (`ValueError`,

@@ -1,4 +1,5 @@
-"""The batch run behind `segclip-run` (DESIGN.md "Command contracts"): images in, result files out.
+"""The batch run behind `segclip-run` (docs/architecture.md "Command contracts"): images in, result
+files out.
 
 For each input image, `OUT/NAME.png` (label map: 0 background, i = i-th label; palette PNG up to
 255 labels), `OUT/NAME_overlay.jpg` (tinted image + legend) and `OUT/NAME.json` (labels, image

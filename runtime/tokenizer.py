@@ -1,4 +1,5 @@
-"""Torch-free CLIP tokenizer reading the bundle's `tokenizer.json` (DESIGN.md "Bundle contract").
+"""Torch-free CLIP tokenizer reading the bundle's `tokenizer.json` (docs/architecture.md "Bundle
+contract").
 
 Equal, token for token, to `open_clip.tokenize(texts, context_length=C)` (the text tower of paper
 §2.1 is CLIP's): the same cleaning (ftfy, html unescape twice, whitespace collapse, lower case),
@@ -29,7 +30,7 @@ from segclip.runtime.errors import TokenizerError
 if TYPE_CHECKING:
     import tokenizers
 
-DEFAULT_CONTEXT_LENGTH = 77  # CLIP's text context at inference (DESIGN.md "The model")
+DEFAULT_CONTEXT_LENGTH = 77  # CLIP's text context at inference (docs/architecture.md "The model")
 _CACHE_SIZE = 100_000  # pre-token -> ids entries kept before the cache is reset
 
 

@@ -1,4 +1,5 @@
-"""Result files of `segclip-run` (DESIGN.md "Command contracts"): label-map PNG and overlay JPEG.
+"""Result files of `segclip-run` (docs/architecture.md "Command contracts"): label-map PNG and
+overlay JPEG.
 
 - `palette(n)`: the PASCAL VOC colour map (bit-interleaved, index 0 black), defined and distinct
   for every index below 2**24, so colours are stable across runs and label sets.

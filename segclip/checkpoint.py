@@ -1,4 +1,4 @@
-"""The checkpoint contract (`ckpt.pt`, DESIGN.md): save atomically, load safely.
+"""The checkpoint contract (`ckpt.pt`, docs/architecture.md): save atomically, load safely.
 
 A `torch.save` dict `{"format": "segclip-ckpt", "version": 1, "config": {...}, "state_dict":
 {...}, "meta": {...}}`, read with `torch.load(..., weights_only=True)` so no object of a user's

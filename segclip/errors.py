@@ -33,5 +33,6 @@ class WriteError(SegclipError, OSError):
 
 
 def one_line(error: BaseException) -> str:
-    """The CLI form of a user error: `error: ...` on a single line (DESIGN.md, exit code 2)."""
+    """The CLI form of a user error: `error: ...` on a single line (docs/architecture.md, exit code
+    2)."""
     return "error: " + " ".join(str(error).split())

@@ -1,4 +1,5 @@
-"""Import-direction contract (DESIGN.md, STYLE.md): `segclip` and `segclip.runtime` load without
+"""Import-direction contract (docs/architecture.md, STYLE.md): `segclip` and `segclip.runtime` load
+without
 torch. Each check runs in a fresh interpreter, from a directory outside the repository, so it sees
 the installed package mapping (`segclip.runtime` -> runtime/) and nothing already imported."""
 

@@ -1,4 +1,5 @@
-"""Backend registry (DESIGN.md "Layout and packages"): pick the engine that runs a bundle.
+"""Backend registry (docs/architecture.md "Layout and packages"): pick the engine that runs a
+bundle.
 
 `create_backend(bundle, device)`:
 - "cpu": ONNX Runtime on the CPU.

@@ -1,4 +1,4 @@
-"""What every inference backend offers the `Segmenter` (DESIGN.md "Bundle contract").
+"""What every inference backend offers the `Segmenter` (docs/architecture.md "Bundle contract").
 
 A backend runs the bundle's two towers: `run_image` on a batch of CLIP-normalised windows and
 `run_text` on token ids. It is safe to call from several threads at once (ONNX Runtime sessions

@@ -1,1 +1,1 @@
-"""Thin typer command-line interfaces: each calls one importable function (DESIGN.md)."""
+"""Thin typer command-line interfaces: each calls one importable function (docs/architecture.md)."""

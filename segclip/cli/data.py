@@ -1,4 +1,4 @@
-"""`segclip-data`: build the synthetic shapes world and superpixel caches (DESIGN.md)."""
+"""`segclip-data`: build the synthetic shapes world and superpixel caches (docs/architecture.md)."""
 
 from __future__ import annotations
 

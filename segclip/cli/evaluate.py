@@ -1,4 +1,5 @@
-"""`segclip-eval`: zero-shot mIoU of a checkpoint or bundle on a VOC-layout set (DESIGN.md).
+"""`segclip-eval`: zero-shot mIoU of a checkpoint or bundle on a VOC-layout set
+(docs/architecture.md).
 
     segclip-eval RUN/ckpt.pt --data VOC2012 --classes voc
     segclip-eval bundle/ --data synth/eval --classes synth/eval/classes.txt --out eval.json

@@ -1,4 +1,4 @@
-"""`segclip-train`: train SegCLIP on image-caption pairs (DESIGN.md "Command contracts").
+"""`segclip-train`: train SegCLIP on image-caption pairs (docs/architecture.md "Command contracts").
 
     segclip-train --config tiny --recipe synth --data DATA --out RUN
     torchrun --nproc_per_node 2 -m segclip.cli.train --config tiny --data DATA --out RUN

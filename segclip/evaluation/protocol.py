@@ -1,4 +1,5 @@
-"""The official zero-shot segmentation protocol in PyTorch (reference §4; DESIGN.md "Label
+"""The official zero-shot segmentation protocol in PyTorch (reference §4; docs/architecture.md
+"Label
 assignment").
 
 Per image: resize the short side to S (bilinear), slide S x S windows with stride S (the last one

@@ -1,4 +1,5 @@
-"""Resumable training state (DESIGN.md "Checkpoint contract": optimizer state lives beside
+"""Resumable training state (docs/architecture.md "Checkpoint contract": optimizer state lives
+beside
 `ckpt.pt`): `RUN/train_state.pt`, written atomically, loadable with `weights_only=True`.
 
 It holds the step, the optimizer and GradScaler state, the skipped-step count, the configs of the

@@ -1,5 +1,5 @@
 """`segclip-export` through typer's CliRunner: a real export, verify, and one-line errors with
-exit code 2 (DESIGN.md "Command contracts")."""
+exit code 2 (docs/architecture.md "Command contracts")."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """`segclip-run` through typer's CliRunner on the tiny bundle: result triples, palette PNGs,
 JSON sums, skip-existing, safe output names, and one-line errors with exit code 2 that write
-nothing (DESIGN.md "Command contracts")."""
+nothing (docs/architecture.md "Command contracts")."""
 
 from __future__ import annotations
 

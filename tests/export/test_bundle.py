@@ -1,4 +1,5 @@
-"""The bundle writer and its manifest (DESIGN.md "Bundle contract"): it matches the checkpoint."""
+"""The bundle writer and its manifest (docs/architecture.md "Bundle contract"): it matches the
+checkpoint."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Atomic export: a failure at any step leaves no complete-looking bundle and the previous
-bundle byte-for-byte intact (DESIGN.md "Command contracts": nothing half-written)."""
+bundle byte-for-byte intact (docs/architecture.md "Command contracts": nothing half-written)."""
 
 from __future__ import annotations
 

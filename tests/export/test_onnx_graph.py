@@ -1,4 +1,5 @@
-"""The exported graphs (DESIGN.md "Bundle contract"): I/O contract, dynamic batch and label count
+"""The exported graphs (docs/architecture.md "Bundle contract"): I/O contract, dynamic batch and
+label count
 from one file, no forbidden ops, parity with eager at every size (tolerance 1e-4)."""
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Bad input, images: every command that reads images (segclip-run, segclip-eval with a checkpoint
 or a bundle, segclip-train) answers a 0-byte, truncated or non-image file with one `error:` line,
 exit code 2, no traceback and no output for it; and segments (or trains on) a 1x1, 16-bit,
-CMYK, animated, RGBA or palette image like any other, since DESIGN.md accepts any size and mode.
+CMYK, animated, RGBA or palette image like any other, since docs/architecture.md accepts any size
+and mode.
 Decompression bombs are in test_reliability_limits.py (and, for segclip-data, here).
 """
 

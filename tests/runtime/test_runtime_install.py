@@ -1,4 +1,5 @@
-"""The runtime installs and runs alone (DESIGN.md "Layout and packages": a plain `pip install .`
+"""The runtime installs and runs alone (docs/architecture.md "Layout and packages": a plain `pip
+install .`
 is the runtime, without torch). Builds a fresh virtual environment, installs this checkout
 without extras (pip fetches the core dependencies from the package index), and segments an image
 with the tiny bundle there, through the Python API and through `segclip-run`. Slow (about a

@@ -1,4 +1,5 @@
-"""The runtime never imports torch (DESIGN.md "Layout and packages"), checked in a subprocess."""
+"""The runtime never imports torch (docs/architecture.md "Layout and packages"), checked in a
+subprocess."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The checkpoint contract (segclip/checkpoint.py, DESIGN.md "Checkpoint contract").
+"""The checkpoint contract (segclip/checkpoint.py, docs/architecture.md "Checkpoint contract").
 
 Round trip, atomic writes, weights-only loading (a malicious pickle is refused and never runs),
 and a CheckpointError with a clear message for every kind of bad file.
