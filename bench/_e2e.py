@@ -94,11 +94,23 @@ def _segment_tower(device: str, variant: str, bundle: Path, settings: Settings, 
     if device != "cpu":
         return {"status": "skipped", "reason": "on cuda the ratio uses the Segmenter's own "
                                                "'image' stage timing"}
-    name = "ort-int8" if variant == "int8" else "ort-cpu"
     try:
-        tower = OrtRunner(name, bundle, settings.threads)
+        if variant.startswith("ov-"):
+            import tempfile
+
+            from bench._towers import OvRunner
+
+            name = variant
+            tower: Any = OvRunner(name, bundle, settings.threads,
+                                  tempfile.mkdtemp(prefix="segclip-ov-"))
+        elif variant == "auto":
+            return {"status": "skipped", "reason": "variant auto: the Segmenter's own 'image' "
+                                                   "stage is the reference"}
+        else:
+            name = "ort-int8" if variant == "int8" else "ort-cpu"
+            tower = OrtRunner(name, bundle, settings.threads)
     except Unavailable as e:
         return {"status": "skipped", "reason": str(e)}
     run = tower.image(_inputs.windows(count, size, settings.seed))
-    return {"backend": name, "batch": count, **tower.info,
+    return {**tower.info, "backend": name, "batch": count,
             **timed_case(run, tower.sync, settings, tower.device, memory, count)}

@@ -25,6 +25,7 @@ from bench._stats import summarize
 from bench._towers import OrtRunner, Runner, TorchRunner, Unavailable, read_manifest
 
 AGREEMENT_IMAGES = 4
+REDUCED = ("ort-int8", "ov-bf16", "ov-int8", "torch-bf16")  # agreement with ort-cpu measured
 AGREEMENT_LABELS = 20
 
 
@@ -93,7 +94,7 @@ def timed_case(run: Any, runner_sync: Any, settings: Settings, device: str,
 
 def make_runner(name: str, settings: Settings) -> Runner:
     bundle = Path(settings.bundle)
-    if name in ("torch", "torch-cuda"):
+    if name in ("torch", "torch-bf16", "torch-cuda"):
         import torch
 
         from bench._towers import build_torch_model
@@ -105,13 +106,20 @@ def make_runner(name: str, settings: Settings) -> Runner:
                               "--checkpoint CKPT, or --preset NAME for random weights")
         model = build_torch_model(Path(settings.checkpoint) if settings.checkpoint else None,
                                   settings.preset, settings.seed)
-        runner = TorchRunner(model, "cpu" if name == "torch" else "cuda", settings.threads)
+        runner = TorchRunner(model, "cuda" if name == "torch-cuda" else "cpu", settings.threads,
+                             bf16=name == "torch-bf16")
         runner.info["weights"] = (f"checkpoint {Path(settings.checkpoint).name}"
                                   if settings.checkpoint else
                                   f"preset {settings.preset}, random (seed {settings.seed})")
         return runner
     if name.startswith("ort-"):
         return OrtRunner(name, bundle, settings.threads)
+    if name.startswith("ov-"):
+        import tempfile
+
+        from bench._towers import OvRunner
+
+        return OvRunner(name, bundle, settings.threads, tempfile.mkdtemp(prefix="segclip-ov-"))
     if name.startswith("trt-"):
         from bench._tensorrt import TrtRunner
 
@@ -127,7 +135,7 @@ def run_backend(name: str, settings: Settings) -> dict[str, Any]:
     bundle = Path(settings.bundle)
     manifest = read_manifest(bundle)
     size, context = manifest["model"]["image_size"], manifest["model"]["context_length"]
-    if name in ("torch", "torch-cuda"):
+    if name.startswith("torch"):
         import torch  # noqa: F401  (so that set_threads pins it before the model is built)
     set_threads(settings.threads)
     memory = HostMemory()
@@ -169,7 +177,7 @@ def run_backend(name: str, settings: Settings) -> dict[str, Any]:
         except Unavailable as e:
             case.update(status="skipped", reason=str(e))
         result["text"].append(case)
-    if name == "ort-int8":
+    if name in REDUCED:
         result["agreement"] = int8_agreement(runner, bundle, settings)
     return result
 
@@ -182,7 +190,7 @@ def run_interleaved(spec: str, settings: Settings) -> list[dict[str, Any]]:
     from bench._measure import time_interleaved
 
     names = spec.split(",")
-    if any(n in ("torch", "torch-cuda") for n in names):
+    if any(n.startswith("torch") for n in names):
         import torch  # noqa: F401  (pinned by set_threads before the model is built)
     set_threads(settings.threads)
     bundle = Path(settings.bundle)
@@ -230,8 +238,9 @@ def run_interleaved(spec: str, settings: Settings) -> list[dict[str, Any]]:
                 results[name][stage].append({
                     key: count, "status": "ok", "latency": summarize(seconds),
                     "throughput_per_s": count / float(np.median(seconds)), **shared})
-    if "ort-int8" in runners:
-        results["ort-int8"]["agreement"] = int8_agreement(runners["ort-int8"], bundle, settings)
+    for name in runners:
+        if name in REDUCED:
+            results[name]["agreement"] = int8_agreement(runners[name], bundle, settings)
     return [results[name] for name in names]
 
 
@@ -252,8 +261,9 @@ def _label_maps(outputs: list[np.ndarray], text: np.ndarray, manifest: dict[str,
 
 
 def int8_agreement(runner: Runner, bundle: Path, settings: Settings) -> dict[str, Any]:
-    """Per-pixel agreement of ort-int8 with ort-cpu (fp32) on synthetic scenes: the region
-    argmax (assign upsampled to S x S) and the final label map (20 labels, bundle defaults)."""
+    """Per-pixel agreement of a reduced-precision backend (ort-int8, ov-bf16, ov-int8,
+    torch-bf16) with ort-cpu (fp32) on synthetic scenes: the region argmax (assign upsampled to
+    S x S) and the final label map (20 labels, bundle defaults)."""
     manifest = read_manifest(bundle)
     size, context = manifest["model"]["image_size"], manifest["model"]["context_length"]
     reference = OrtRunner("ort-cpu", bundle, settings.threads)
@@ -318,13 +328,15 @@ def run_assign(settings: Settings) -> dict[str, Any]:
 
 
 def run_peak(settings: Settings) -> dict[str, Any]:
-    from bench._peak import cpu_fp32_peak, gpu_peaks
+    from bench._peak import cpu_fp32_peak, cpu_low_precision_peaks, gpu_peaks
 
     set_threads(settings.threads)
     clock = SchedClock()
     cpu = cpu_fp32_peak(settings.threads, settings.peak_size)
     cpu["sched"] = clock.read()
-    return {"cpu_fp32": cpu, "gpu": gpu_peaks(), "load_average": load_average()}
+    low = cpu_low_precision_peaks(settings.threads, settings.peak_size)
+    return {"cpu_fp32": cpu, **{f"cpu_{k}": v for k, v in low.items()}, "gpu": gpu_peaks(),
+            "load_average": load_average()}
 
 
 def run_job(job: str, settings: Settings) -> dict[str, Any]:

@@ -1,9 +1,11 @@
-"""Measured matrix-multiply peak of this machine: the roofline's ceiling (bench/latency.py).
+"""Measured matrix-multiply peaks of this machine: the roofline's ceilings (bench/latency.py).
 
 CPU: square float32 GEMMs with torch (oneDNN/MKL) and numpy (its BLAS), both on the benchmark's
-thread count; the peak is the best median rate of the two. GPU: torch GEMMs in fp16, bf16, tf32
-and strict fp32 timed with CUDA events. Measured, not the datasheet: the fraction reported beside
-a tower's rate says how close it got to what a GEMM gets on the same cores in the same run.
+thread count; the fp32 peak is the best median rate of the two. bf16 and int8 GEMMs with torch
+in the same run: the ceilings of the backends that compute in those precisions. GPU: torch
+GEMMs in fp16, bf16, tf32 and strict fp32 timed with CUDA events. Measured, not the datasheet:
+the fraction reported beside a tower's rate says how close it got to what a GEMM gets on the
+same cores in the same run.
 """
 
 from __future__ import annotations
@@ -57,6 +59,39 @@ def cpu_fp32_peak(threads: int, size: int = CPU_SIZE, repeats: int = REPEATS) ->
         out["torch"] = _rate(flops, times)
     out["peak_gflops"] = max(v["median_gflops"] for k, v in out.items()
                              if isinstance(v, dict))
+    return out
+
+
+def cpu_low_precision_peaks(threads: int, size: int = CPU_SIZE,
+                            repeats: int = REPEATS) -> dict[str, Any]:
+    """bf16 (`torch.mm` on bfloat16: AVX-512 BF16 / AMX through oneDNN) and int8 (`torch._int_mm`,
+    int8 x int8 -> int32: VNNI / AMX) square GEMM rates on the CPU, in GFLOP/s resp. GOP/s
+    (2 x MAC), on the benchmark's thread count; {} without torch."""
+    try:
+        import torch
+    except ImportError:
+        return {}
+    flops = 2.0 * size ** 3
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    out: dict[str, Any] = {}
+    try:
+        generator = torch.Generator().manual_seed(0)
+        a, b = (torch.randn(size, size, generator=generator) for _ in range(2))
+        a16, b16 = a.bfloat16(), b.bfloat16()
+        c16 = torch.empty_like(a16)
+        out["bf16"] = {"size": size, "threads": threads, "dtype": "bfloat16", "library": "torch",
+                       **_rate(flops, _gemm_seconds(lambda: torch.mm(a16, b16, out=c16),
+                                                    repeats))}
+        a8, b8 = ((t * 40).clamp(-128, 127).to(torch.int8) for t in (a, b))
+        try:
+            times = _gemm_seconds(lambda: torch._int_mm(a8, b8), repeats)
+            out["int8"] = {"size": size, "threads": threads, "dtype": "int8 -> int32",
+                           "library": "torch._int_mm", **_rate(flops, times)}
+        except RuntimeError as e:  # a torch build without the CPU int8 GEMM
+            out["int8"] = {"status": "skipped", "reason": f"torch._int_mm: {e}"}
+    finally:
+        torch.set_num_threads(previous)
     return out
 
 

@@ -20,6 +20,9 @@ ORT_PEAK_FRACTION = 0.85
 INT8_VS_FP32 = 2.5
 INT8_AGREEMENT = 0.99
 E2E_VS_TOWER = 1.15
+BEST_CPU_VS_FP32 = {1: 3.5, 8: 5.0}  # best reduced-precision CPU variant / ORT fp32, per batch
+OV_BF16_VS_FP32 = 2.3
+REDUCED_CPU = ("ort-int8", "ov-bf16", "ov-int8", "torch-bf16")
 TRT_FP16_BATCH1_MS = 1.0
 TRT_FP16_BATCH128_IMG_S = 13_500
 
@@ -47,9 +50,10 @@ def _uncontended(rate: float, sched: dict[str, float] | None) -> float | None:
 
 
 def peaks(results: dict[str, Any]) -> dict[str, float]:
-    """Matmul ceilings in GFLOP/s: cpu_fp32 and gpu_<precision>, each the higher of the run's
-    start and end measurements (the higher ceiling gives the lower, conservative fraction), and
-    cpu_fp32_adjusted, the same corrected for the run-queue wait while it was measured."""
+    """Matmul ceilings in GFLOP/s: cpu_fp32, cpu_bf16, cpu_int8 (GOP/s) and gpu_<precision>,
+    each the higher of the run's start and end measurements (the higher ceiling gives the
+    lower, conservative fraction), and cpu_fp32_adjusted, the same corrected for the run-queue
+    wait while it was measured."""
     out: dict[str, float] = {}
     runs = [p for p in (results.get("peak", {}).get(w) for w in ("start", "end")) if p]
     cpu = [p["cpu_fp32"] for p in runs if p.get("cpu_fp32")]
@@ -58,6 +62,10 @@ def peaks(results: dict[str, Any]) -> dict[str, float]:
         adjusted = [_uncontended(c["peak_gflops"], c.get("sched")) for c in cpu]
         if all(a is not None for a in adjusted):
             out["cpu_fp32_adjusted"] = max(adjusted)
+    for key in ("cpu_bf16", "cpu_int8"):
+        rates = [p[key]["median_gflops"] for p in runs if "median_gflops" in (p.get(key) or {})]
+        if rates:
+            out[key] = max(rates)
     for p in runs:
         for name, rate in (p.get("gpu") or {}).items():
             if isinstance(rate, dict):
@@ -156,6 +164,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             out.append(_target(f"ORT int8 pixel agreement with fp32 ({key}) >= "
                                f"{INT8_AGREEMENT:.0%}", int8["agreement"][key], INT8_AGREEMENT,
                                True))
+    out += _low_precision_targets(results)
     for e2e in results.get("e2e", []):
         what = f"end-to-end segment ({e2e.get('device')}, {e2e.get('variant')})"
         if e2e.get("status") != "ok":
@@ -179,6 +188,37 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                        f"(H100)", trt.get(128, {}).get("throughput_per_s"),
                        TRT_FP16_BATCH128_IMG_S, True,
                        _why(results, "trt-fp16") or "batch 128 not measured"))
+    return out
+
+
+def _low_precision_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The best reduced-precision CPU variant and OpenVINO bf16 against ORT fp32, per batch,
+    and the pixel agreement of the OpenVINO and torch bf16 variants (as measured: on random
+    weights they are not a verdict on precision, see bench/precision.py)."""
+    out = []
+    speed = {name: {c["batch"]: c.get("ratio", {}).get("vs_ort-cpu")
+                    for c in _ok(b["image"], "batch").values()}
+             for name in REDUCED_CPU
+             if (b := _backend(results, name)) and b.get("status") == "ok"}
+    for batch, goal in BEST_CPU_VS_FP32.items():
+        ratios = {n: r[batch] for n, r in speed.items() if r.get(batch) is not None}
+        best = max(ratios, key=ratios.__getitem__) if ratios else None
+        out.append(_target(f"best CPU variant image tower >= {goal}x ORT fp32 (batch {batch}"
+                           + (f"; {best})" if best else ")"), ratios.get(best) if best else None,
+                           goal, True, "no reduced-precision CPU variant and ORT fp32 at this "
+                                       "batch"))
+    for batch in BEST_CPU_VS_FP32:
+        if _backend(results, "ov-bf16") is not None:
+            out.append(_target(f"OpenVINO bf16 image tower >= {OV_BF16_VS_FP32}x ORT fp32 (batch "
+                               f"{batch})", speed.get("ov-bf16", {}).get(batch),
+                               OV_BF16_VS_FP32, True, _why(results, "ov-bf16")
+                               or f"batch {batch} or ort-cpu not measured"))
+    for name in REDUCED_CPU[1:]:
+        backend = _backend(results, name)
+        if backend and backend.get("agreement"):
+            out.append(_target(f"{name} label-map agreement with ORT fp32 >= "
+                               f"{INT8_AGREEMENT:.0%}", backend["agreement"]["label_map_mean"],
+                               INT8_AGREEMENT, True))
     return out
 
 

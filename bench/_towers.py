@@ -6,6 +6,10 @@ GPU, bound once: reference/runtime-practice.md pitfall 8, "host copies without I
 a backend that is not there raises `Unavailable` with the reason, which the benchmark reports.
 
 - torch / torch-cuda: PyTorch eager `encode_image` / `encode_text` under `inference_mode`.
+- torch-bf16: the same with the model cast to bfloat16 (weights and activations; not autocast,
+  which re-casts the weights on every call).
+- ov-f32 / ov-bf16 / ov-int8: the runtime's OpenVINO backend (runtime/backends/openvino.py),
+  1 stream, the benchmark's thread count.
 - ort-cpu / ort-int8: ONNX Runtime CPUExecutionProvider on image.onnx / image.int8.onnx.
 - ort-cuda: CUDAExecutionProvider with IO binding; refuses a session that fell back to the CPU.
 - trt-fp16 / trt-fp32: the bundle's TensorRT engines (or ones built by `--trt-build`), run with
@@ -25,10 +29,13 @@ import numpy as np
 from segclip.runtime import contract
 
 GPU_INSTALL = "pip install 'segclip[gpu]'"
-BACKENDS = ("torch", "torch-cuda", "ort-cpu", "ort-int8", "ort-cuda", "trt-fp16", "trt-fp32")
-# the matmul peak each backend's achieved FLOP/s is compared with (bench/_peak.py)
-# (none for ort-int8: its VNNI products have their own ceiling, which is not measured)
-PEAK_REFERENCE = {"torch": "cpu_fp32", "ort-cpu": "cpu_fp32",
+BACKENDS = ("torch", "torch-bf16", "torch-cuda", "ort-cpu", "ort-int8", "ort-cuda", "ov-f32",
+            "ov-bf16", "ov-int8", "trt-fp16", "trt-fp32")
+# the matmul peak of the precision each backend computes in (bench/_peak.py); the int8 graphs
+# quantise the ViT blocks before the group (94 % of the vit-b16 FLOPs), the rest runs in fp32
+PEAK_REFERENCE = {"torch": "cpu_fp32", "ort-cpu": "cpu_fp32", "ov-f32": "cpu_fp32",
+                  "torch-bf16": "cpu_bf16", "ov-bf16": "cpu_bf16",
+                  "ort-int8": "cpu_int8", "ov-int8": "cpu_int8",
                   "torch-cuda": "gpu_fp32", "ort-cuda": "gpu_tf32", "trt-fp32": "gpu_tf32",
                   "trt-fp16": "gpu_fp16"}
 
@@ -70,7 +77,7 @@ class Runner:
 
 # ---- PyTorch eager ----------------------------------------------------------------------------
 class TorchRunner(Runner):
-    def __init__(self, model: Any, device: str, threads: int) -> None:
+    def __init__(self, model: Any, device: str, threads: int, bf16: bool = False) -> None:
         super().__init__()
         import torch
 
@@ -78,16 +85,18 @@ class TorchRunner(Runner):
         if device == "cuda" and not torch.cuda.is_available():
             raise Unavailable("torch sees no CUDA GPU (torch.cuda.is_available() is False)")
         self.device = device
-        self.name = "torch" if device == "cpu" else "torch-cuda"
-        self.model = model.to(device).eval()
-        self.info = {"engine": "PyTorch eager, inference_mode, float32",
+        self.name = ("torch-bf16" if bf16 else "torch") if device == "cpu" else "torch-cuda"
+        self.dtype = torch.bfloat16 if bf16 else torch.float32
+        self.model = model.to(device=device, dtype=self.dtype).eval()
+        self.info = {"engine": f"PyTorch eager, inference_mode, "
+                               f"{'bfloat16 (model cast)' if bf16 else 'float32'}",
                      "torch_threads": torch.get_num_threads(),
                      "torch_interop_threads": torch.get_num_interop_threads()}
         if device == "cuda":
             self.info["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
 
     def image(self, images: np.ndarray) -> Callable[[], Any]:
-        pixels = self.torch.from_numpy(images).to(self.device)
+        pixels = self.torch.from_numpy(images).to(self.device, self.dtype)
 
         def run() -> Any:
             with self.torch.inference_mode():
@@ -207,3 +216,34 @@ class OrtRunner(Runner):
         if session is None:
             raise Unavailable("no text session")
         return session.run([contract.TEXT_OUTPUT], {contract.TEXT_INPUT: tokens})[0]
+
+
+# ---- OpenVINO ---------------------------------------------------------------------------------
+class OvRunner(Runner):
+    """The runtime's OpenVINO backend on one variant (compiled-model cache in a temp folder)."""
+
+    def __init__(self, name: str, bundle: Path, threads: int, cache_dir: str) -> None:
+        super().__init__()
+        try:
+            from segclip.runtime.backends.openvino import OpenVinoBackend, OpenVinoOptions
+            from segclip.runtime.bundle import Bundle
+            from segclip.runtime.errors import RuntimeSegclipError
+
+            self.backend = OpenVinoBackend(Bundle.open(bundle), name, OpenVinoOptions(
+                threads=threads, streams=1, cache_dir=cache_dir))
+        except (ImportError, RuntimeSegclipError) as e:  # not installed, no bf16, no IR
+            raise Unavailable(str(e)) from e
+        self.name = name
+        self.info = {"engine": self.backend.provider, **self.backend.info()}
+
+    def image(self, images: np.ndarray) -> Callable[[], Any]:
+        return lambda: self.backend.run_image(images)
+
+    def text(self, tokens: np.ndarray) -> Callable[[], Any]:
+        if self.name != "ov-f32":
+            raise Unavailable(f"{self.name} runs the same f32 text graph as ov-f32")
+        return lambda: self.backend.run_text(tokens)
+
+    def image_outputs(self, images: np.ndarray) -> list[np.ndarray]:
+        out = self.backend.run_image(images)
+        return [out.global_, out.regions, out.assign]

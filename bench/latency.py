@@ -39,7 +39,8 @@ if str(ROOT) not in sys.path:  # `python bench/latency.py` puts bench/, not the 
 
 DEFAULT_BACKENDS = "torch,torch-cuda,ort-cpu,ort-int8,ort-cuda,trt-fp16,trt-fp32"
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-INTERLEAVABLE = ("torch", "ort-cpu", "ort-int8")  # CPU backends that --interleave times together
+# CPU backends that --interleave times together
+INTERLEAVABLE = ("torch", "torch-bf16", "ort-cpu", "ort-int8", "ov-f32", "ov-bf16", "ov-int8")
 
 
 class UsageError(Exception):
@@ -70,8 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--preset", help="torch baseline with random weights of this preset "
                                          "(default: the preset matching the bundle)")
     parser.add_argument("--backends", default=DEFAULT_BACKENDS,
-                        help=f"comma-separated, of: torch, torch-cuda, ort-cpu, ort-int8, "
-                             f"ort-cuda, trt-fp16, trt-fp32 (default {DEFAULT_BACKENDS})")
+                        help=f"comma-separated, of: torch, torch-bf16, torch-cuda, ort-cpu, "
+                             f"ort-int8, ort-cuda, ov-f32, ov-bf16, ov-int8, trt-fp16, trt-fp32 "
+                             f"(default {DEFAULT_BACKENDS})")
     parser.add_argument("--batch", type=_ints, default=[1, 8, 32], help="image batches")
     parser.add_argument("--labels", type=_ints, default=[1, 20, 171], help="label counts")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
@@ -79,9 +81,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--e2e-size", type=_size, default=[375, 500],
                         help="HxW of the end-to-end image (default 375x500, a VOC-sized photo)")
     parser.add_argument("--e2e", default="cpu:fp32,cpu:int8,cuda",
-                        help="end-to-end Segmenter runs: cpu:VARIANT (ONNX Runtime image graph "
-                             "fp32/fp16/int8) and/or cuda (the runtime's pick: TensorRT, else "
-                             "ONNX Runtime CUDA)")
+                        help="end-to-end Segmenter runs: cpu:VARIANT (a CPU variant of "
+                             "runtime/variants.py: fp32, fp16, int8, ov-f32, ov-bf16, ov-int8, "
+                             "auto) and/or cuda (the runtime's pick: TensorRT, else ONNX Runtime "
+                             "CUDA)")
     parser.add_argument("--trt-build", type=Path,
                         help="build missing TensorRT image engines into this folder")
     parser.add_argument("--peak-size", type=int, default=2048,
@@ -94,8 +97,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-isolate", action="store_true",
                         help="run every job in this process (faster, less fair)")
     parser.add_argument("--interleave", action="store_true",
-                        help="time the CPU backends (torch, ort-cpu, ort-int8) in one process, "
-                             "round-robin, for fair ratios on a machine shared with other work")
+                        help="time the CPU backends (torch, torch-bf16, ort-*, ov-*) in one "
+                             "process, round-robin, for fair ratios on a machine shared with "
+                             "other work")
     parser.add_argument("--out", type=Path, help="JSON results (default: "
                                                  "bench/results/<machine>/latency.json)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -223,7 +227,8 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
     specs = [d.strip() for d in args.e2e.split(",") if d.strip()]
     bad = [d for d in specs if d != "cuda" and not d.startswith("cpu:")]
     if bad:
-        raise UsageError(f"--e2e takes cpu:fp32, cpu:fp16, cpu:int8 and cuda, got {bad}")
+        raise UsageError(f"--e2e takes cpu:VARIANT (fp32, fp16, int8, ov-f32, ov-bf16, "
+                         f"ov-int8, auto) and cuda, got {bad}")
     runnable = [d for d in specs if d != "cuda" or _gpu_present(machine)]
     together = [b for b in backends if b in INTERLEAVABLE] if args.interleave else []
     jobs = (["peak"] + ([f"interleaved:{','.join(together)}"] if together else [])

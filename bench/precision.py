@@ -1,12 +1,15 @@
-"""Precision of the fp32 / fp16 / int8 image graphs on an evaluation set, against PyTorch eager.
+"""Precision of the image-graph variants on an evaluation set, against PyTorch eager.
 
     python bench/precision.py --checkpoint CKPT --data EVAL_DIR [--bundle DIR]
-        [--precisions fp32,fp16,int8] [--limit N] [--threshold T] [--threads 1] [--out FILE.json]
+        [--precisions fp32,fp16,int8,ov-f32,ov-bf16,ov-int8] [--limit N] [--threshold T]
+        [--threads 1] [--out FILE.json]
 
 EVAL_DIR is a VOC-layout folder with its classes.txt (`segclip-data synth` writes OUT/eval).
 Without --bundle the checkpoint is exported to a temporary folder with all three image graphs
 (`export_bundle(..., fp16=True, int8=True)` without its parity gate: the figures here are the
-measurement). Per precision, over every image (ONNX Runtime CPU, PyTorch eager on CPU):
+measurement), plus its OpenVINO variants when any is asked for (`export_openvino`, int8 IR
+calibrated on generated scenes). Per variant, over every image (ONNX Runtime or OpenVINO on the
+CPU, PyTorch eager on CPU):
 
 - raw outputs: max |ORT - torch| of `global`, `regions`, `assign` on the same preprocessed
   windows (segclip.runtime.images.preprocess), and the per-pixel region-argmax agreement (argmax
@@ -37,7 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/precision.py` puts bench/, not the repo, on the path
     sys.path.insert(0, str(ROOT))
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "ov-f32", "ov-bf16", "ov-int8")  # runtime/variants.py
+DEFAULT_PRECISIONS = ("fp32", "fp16", "int8")
 OUTPUTS = ("global", "regions", "assign")  # segclip.runtime.contract.IMAGE_OUTPUTS
 LABEL_REFERENCE = ("PyTorch label maps of segclip-eval's protocol "
                    "(segclip.evaluation.protocol.predict) on the checkpoint")
@@ -56,7 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bundle", type=Path,
                         help="bundle exported from CKPT with the variants to measure "
                              "(default: export one to a temporary folder)")
-    parser.add_argument("--precisions", default=",".join(PRECISIONS),
+    parser.add_argument("--precisions", default=",".join(DEFAULT_PRECISIONS),
                         help=f"comma-separated, of {', '.join(PRECISIONS)}")
     parser.add_argument("--limit", type=int, help="first N images only")
     parser.add_argument("--threshold", type=float,
@@ -126,12 +130,22 @@ def open_bundle(args: argparse.Namespace, precisions: list[str], scratch: Path) 
         from segclip.export import export_bundle
 
         print(f"exporting {args.checkpoint} (fp32, fp16, int8) to a temporary bundle", flush=True)
-        return export_bundle(args.checkpoint, scratch / "bundle", fp16=True, int8=True,
-                             verify=False)
+        bundle_dir = export_bundle(args.checkpoint, scratch / "bundle", fp16=True, int8=True,
+                                   verify=False)
+        if any(p.startswith("ov-") for p in precisions):
+            from segclip.export.openvino import export_openvino
+
+            print("adding the OpenVINO variants (int8: NNCF, generated calibration scenes)",
+                  flush=True)
+            export_openvino(bundle_dir, args.checkpoint, int8="ov-int8" in precisions)
+        return bundle_dir
     try:
         bundle = Bundle.open(args.bundle)
         for precision in precisions:
-            bundle.image_onnx(precision)
+            if precision.startswith("ov-"):
+                _image_runner(bundle, precision, 1).close()  # refuses a missing IR / no bf16
+            else:
+                bundle.image_onnx(precision)
     except BundleError as e:
         raise UsageError(str(e)) from e
     return args.bundle
@@ -187,17 +201,52 @@ def measure(args: argparse.Namespace, precisions: list[str], bundle_dir: Path,
             "torch": {"miou": mean_iou(torch_confusion)}}
 
 
-def _runners(bundle: Any, precision: str, threshold: float, threads: int) -> dict[str, Any]:
-    import onnxruntime as ort
+class _OrtImage:
+    """(n, 3, S, S) windows -> [global, regions, assign] with an ONNX Runtime session."""
 
-    from bench._towers import ort_options
+    def __init__(self, path: Path, threads: int) -> None:
+        import onnxruntime as ort
+
+        from bench._towers import ort_options
+
+        self.session = ort.InferenceSession(str(path), ort_options(threads),
+                                            providers=["CPUExecutionProvider"])
+
+    def __call__(self, windows: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(list(OUTPUTS), {"image": windows})
+
+    def close(self) -> None:
+        self.session = None
+
+
+class _OvImage:
+    """The same with the runtime's OpenVINO backend (variant ov-f32 / ov-bf16 / ov-int8)."""
+
+    def __init__(self, bundle: Any, variant: str, threads: int) -> None:
+        from segclip.runtime.backends.openvino import OpenVinoBackend, OpenVinoOptions
+
+        self.backend = OpenVinoBackend(bundle, variant, OpenVinoOptions(threads=threads))
+
+    def __call__(self, windows: np.ndarray) -> list[np.ndarray]:
+        out = self.backend.run_image(windows)
+        return [out.global_, out.regions, out.assign]
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def _image_runner(bundle: Any, precision: str, threads: int) -> Any:
+    if precision.startswith("ov-"):
+        return _OvImage(bundle, precision, threads)
+    return _OrtImage(bundle.image_onnx(precision), threads)
+
+
+def _runners(bundle: Any, precision: str, threshold: float, threads: int) -> dict[str, Any]:
     from segclip.runtime import Segmenter
 
-    session = ort.InferenceSession(str(bundle.image_onnx(precision)), ort_options(threads),
-                                   providers=["CPUExecutionProvider"])
     segmenter = Segmenter(bundle, device="cpu", variant=precision, threshold=threshold,
                           threads=threads)
-    return {"session": session, "segmenter": segmenter}
+    return {"image": _image_runner(bundle, precision, threads), "segmenter": segmenter}
 
 
 def _torch_image(model: Any, image: np.ndarray, text: Any, protocol: Any,
@@ -224,7 +273,7 @@ def _compare(run: dict[str, Any], tally: Tally, sample: Any, names: list[str],
     """Add one image's figures of one precision to `tally`; its runtime label map."""
     from segclip.export.parity import region_argmax
 
-    outputs = run["session"].run(list(OUTPUTS), {"image": reference["windows"]})
+    outputs = run["image"](reference["windows"])
     for name, got in zip(OUTPUTS, outputs):
         tally.max_abs[name] = max(tally.max_abs[name],
                                   float(np.abs(got - reference[name]).max()))
@@ -284,7 +333,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        "exported_here": args.bundle is None, "files": manifest["files"],
                        "file_bytes": manifest.get("file_bytes", {})},
             "threshold": threshold, "threads": args.threads,
-            "backend": "onnxruntime CPUExecutionProvider; torch eager CPU float32",
+            "backend": "onnxruntime CPUExecutionProvider (fp32, fp16, int8); OpenVINO CPU "
+                       "(ov-*); torch eager CPU float32",
             "region_argmax_at": "argmax over L of assign upsampled bilinearly "
                                 "(align_corners=False) to S x S, per window",
             "label_reference": LABEL_REFERENCE, **figures,

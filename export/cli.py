@@ -68,6 +68,30 @@ def verify_command(
         raise fail(e) from None
 
 
+@app.command("openvino")
+def openvino_command(
+    bundle: Annotated[Path, typer.Argument(help="bundle directory (from segclip-export onnx)")],
+    checkpoint: Annotated[Path, typer.Argument(help="the checkpoint it was exported from")],
+    int8: Annotated[bool, typer.Option("--int8", help="also write image.ov-int8.xml/.bin "
+                                       "(NNCF post-training int8)")] = False,
+    calibration: Annotated[Path | None, typer.Option(
+        "--calibration", help="folder of calibration images for --int8 [default: generated "
+        "shapes scenes]")] = None,
+    samples: Annotated[int, typer.Option(help="calibration windows for --int8")] = 64,
+) -> None:
+    """Add the OpenVINO variants (ov-f32, ov-bf16, ov-int8) to BUNDLE, each checked against
+    PyTorch, with its parity figures in segclip.json."""
+    try:
+        from segclip.export.openvino import export_openvino, summary_lines
+
+        section = export_openvino(bundle, checkpoint, int8=int8, calibration=calibration,
+                                  samples=samples, progress=_progress)
+        for line in summary_lines(section):
+            typer.echo(line)
+    except SegclipError as e:
+        raise fail(e) from None
+
+
 @app.command("trt")
 def trt_command(
     bundle: Annotated[Path, typer.Argument(help="bundle directory (from segclip-export onnx)")],

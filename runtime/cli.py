@@ -36,15 +36,17 @@ class Device(str, Enum):
 
 @app.command()
 def main(
-    images: Annotated[list[Path], typer.Argument(
-        metavar="IMAGE|DIR...", help="Image files, or folders of images (one level deep).")],
+    images: Annotated[list[str], typer.Argument(
+        metavar="IMAGE|DIR...", help="Image files, or folders of images (one level deep); "
+        "with --ray also URIs (s3://bucket/dir).")],
     engine: Annotated[Path, typer.Option(
         "--engine", help="Bundle directory, or its image.onnx / image.fp16.onnx / image.plan.")],
     labels: Annotated[Path, typer.Option(
         "--labels", help="Labels file: one label per line (# comments); label i is value i.")],
     threshold: Annotated[Optional[float], typer.Option(
         "--threshold", help="Background threshold in 0..1 (default: the bundle's).")] = None,
-    out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("out/run"),
+    out: Annotated[str, typer.Option(
+        "--out", help="Output folder (with --ray also a URI).")] = "out/run",
     device: Annotated[Device, typer.Option(
         "--device", help="auto: TensorRT, else ONNX Runtime CUDA, else CPU.")] = Device.auto,
     skip_existing: Annotated[bool, typer.Option(
@@ -53,14 +55,36 @@ def main(
     max_pixels: Annotated[int, typer.Option(
         "--max-pixels", help="Refuse images with more pixels.")] = DEFAULT_MAX_PIXELS,
     progress: Annotated[bool, typer.Option("--progress/--quiet", help="Progress bar.")] = True,
+    ray: Annotated[bool, typer.Option(
+        "--ray", help="Run on Ray Data: a pool of actors, one Segmenter each (docs/ray.md).",
+        rich_help_panel="Ray")] = False,
+    address: Annotated[Optional[str], typer.Option(
+        "--address", help="With --ray: the Ray cluster to join (default: a local Ray on "
+        "127.0.0.1).", rich_help_panel="Ray")] = None,
+    actors: Annotated[int, typer.Option(
+        "--actors", help="With --ray: actors in the pool.", rich_help_panel="Ray")] = 1,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", help="With --ray: images per actor call.", rich_help_panel="Ray")] = 4,
+    num_cpus: Annotated[float, typer.Option(
+        "--num-cpus", help="With --ray: CPUs per actor.", rich_help_panel="Ray")] = 1.0,
+    num_gpus: Annotated[Optional[float], typer.Option(
+        "--num-gpus", help="With --ray: GPUs per actor (default 1 with a GPU device, else 0).",
+        rich_help_panel="Ray")] = None,
 ) -> None:
     """Segment IMAGE|DIR... into the labels of --labels; write label maps, overlays and JSON."""
     try:
         from segclip.runtime.runner import run_images
 
-        report = run_images(engine, labels, images, out, threshold=threshold,
-                            device=device.value, skip_existing=skip_existing,
-                            max_pixels=max_pixels, progress=progress)
+        common = {"threshold": threshold, "device": device.value,
+                  "skip_existing": skip_existing, "max_pixels": max_pixels, "progress": progress}
+        if ray:
+            from segclip.runtime.ray_run import run_images_ray
+
+            report = run_images_ray(engine, labels, images, out, address=address, actors=actors,
+                                    batch_images=batch_size, num_cpus=num_cpus,
+                                    num_gpus=num_gpus, **common)
+        else:
+            report = run_images(engine, labels, images, out, **common)
     except SegclipError as e:
         raise fail(e) from None
     typer.echo(report.table())

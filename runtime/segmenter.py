@@ -101,8 +101,10 @@ class Segmenter:
             batch_size: windows per image-engine call (default 16, capped by a TensorRT
                 profile's maximum; larger than that maximum is an error).
             cache_dir: also cache label embeddings on disk there.
-            variant: ONNX Runtime image graph "fp32", "fp16" or "int8".
-            threads: ONNX Runtime intra-op threads.
+            variant: image graph, one of runtime/variants.py VARIANTS: ONNX Runtime "fp32",
+                "fp16", "int8"; OpenVINO "ov-f32", "ov-bf16", "ov-int8"; "auto" (on the CPU
+                the fastest that passed parity, by a probe; `backend_info["auto"]` says which).
+            threads: intra-op threads of ONNX Runtime / OpenVINO.
         """
         from segclip.runtime.tokenizer import Tokenizer
 
@@ -195,34 +197,51 @@ class Segmenter:
                       threshold: float | None = None) -> list[SegmentResult]:
         """Segment several images with one label set; the windows of all images share image-
         engine batches (on the CPU path). Raises on the first unreadable image."""
-        start = time.perf_counter()
         names = self.labels(labels)
+        return self.segment_each(images, [names] * len(images), [threshold] * len(images))
+
+    def segment_each(self, images: Sequence[ImageSource], labels: Sequence[LabelSource],
+                     thresholds: Sequence[float | None]) -> list[SegmentResult]:
+        """Segment several images, each with its own label set and threshold (None: the
+        Segmenter's); the windows of all images share image-engine batches (on the CPU path).
+        Raises on the first bad label set, threshold or image."""
+        start = time.perf_counter()
+        if not len(images) == len(labels) == len(thresholds):
+            raise EngineError(f"segment_each needs one label set and threshold per image, got "
+                              f"{len(images)} images, {len(labels)} label sets, "
+                              f"{len(thresholds)} thresholds")
         if not images:
             return []
-        threshold = self.threshold if threshold is None else self._check_threshold(threshold)
-        text, text_ms = self._embeddings.get(names)
-        labeler = self._labeler(text, threshold)
+        label_sets = [self.labels(names) for names in labels]
+        thresholds = [self.threshold if t is None else self._check_threshold(t)
+                      for t in thresholds]
+        labelers, text_ms = [], []
+        for names, threshold in zip(label_sets, thresholds):
+            text, ms = self._embeddings.get(names)  # computed once per label set
+            labelers.append(self._labeler(text, threshold))
+            text_ms.append(ms)
         prepared, prep_ms = [], []
         for image in images:
             began = time.perf_counter()
             prepared.append(self._prepare(image)[1])
             prep_ms.append((time.perf_counter() - began) * 1e3)
         if getattr(self._backend, "device_labeling", False):
-            maps, stage_ms = self._label_on_device(prepared, labeler)
+            maps, stage_ms = self._label_on_device(prepared, labelers)
         else:
-            maps, stage_ms = self._label_on_host(prepared, labeler)
+            maps, stage_ms = self._label_on_host(prepared, labelers)
         results = []
         for index, (label_map, (image_ms, assign_ms)) in enumerate(zip(maps, stage_ms)):
             timings = {"preprocess": prep_ms[index], "image": image_ms,
-                       "text": text_ms if index == 0 else 0.0, "assign": assign_ms}
-            results.append(self._finish(label_map, names, timings, threshold))
+                       "text": text_ms[index], "assign": assign_ms}
+            results.append(self._finish(label_map, label_sets[index], timings,
+                                        thresholds[index]))
         elapsed = (time.perf_counter() - start) * 1e3
         for result in results:  # one image: wall time; several: the image's own stages
             own = sum(result.timings[k] for k in STAGES[:-1])
             result.timings["total"] = elapsed if len(results) == 1 else own
         return results
 
-    def _label_on_host(self, prepared: list[PreparedImage], labeler: Any,
+    def _label_on_host(self, prepared: list[PreparedImage], labelers: Sequence[Any],
                        ) -> tuple[list[np.ndarray], list[tuple[float, float]]]:
         began = time.perf_counter()
         counts = [p.windows.shape[0] for p in prepared]
@@ -231,7 +250,7 @@ class Segmenter:
         outputs = self._encode(windows)
         image_ms = (time.perf_counter() - began) * 1e3
         maps, stages, first = [], [], 0
-        for item, count in zip(prepared, counts):
+        for item, count, labeler in zip(prepared, counts, labelers):
             began = time.perf_counter()
             part = slice(first, first + count)
             table = labeler(outputs.global_[part], outputs.regions[part])  # (n, L)
@@ -242,10 +261,10 @@ class Segmenter:
             first += count
         return maps, stages
 
-    def _label_on_device(self, prepared: list[PreparedImage], labeler: Any,
+    def _label_on_device(self, prepared: list[PreparedImage], labelers: Sequence[Any],
                          ) -> tuple[list[np.ndarray], list[tuple[float, float]]]:
         maps, stages = [], []
-        for item in prepared:
+        for item, labeler in zip(prepared, labelers):
             label_map, ms = self._backend.label_windows(item.windows, labeler, item.resized_hw,
                                                         item.window, item.original_hw)
             maps.append(label_map)

@@ -19,10 +19,12 @@ import os
 import warnings
 from typing import Any
 
+from segclip.runtime.backends._auto import choose_cpu_backend
 from segclip.runtime.backends.base import Backend, ImageOutputs
 from segclip.runtime.backends.onnxruntime import GPU_INSTALL, OnnxRuntimeBackend, cuda_available
 from segclip.runtime.bundle import Bundle, EngineFacts
 from segclip.runtime.errors import BackendUnavailableError, EngineError
+from segclip.runtime.variants import AUTO, VARIANTS, is_openvino
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -70,8 +72,12 @@ def create_backend(bundle: str | os.PathLike | Bundle, device: str = "auto",
     """The backend that runs `bundle` on `device` (module docstring).
 
     Args:
-        variant: image graph for ONNX Runtime: "fp32", "fp16" or "int8" (None: the file the
-            bundle was opened through, else TensorRT's engine where it runs, else fp32).
+        variant: image graph (runtime/variants.py): ONNX Runtime "fp32", "fp16", "int8";
+            OpenVINO "ov-f32", "ov-bf16", "ov-int8" (CPU only); "auto": on the CPU the fastest
+            variant whose parity passed (measured probe, runtime/backends/_auto.py), elsewhere
+            the device's default. None: the file the bundle was opened through, else TensorRT's
+            engine where it runs, else fp32. An explicit variant is run or refused, never
+            swapped.
         threads: ONNX Runtime intra-op threads (None: its default).
     Raises:
         BackendUnavailableError: the device asked for cannot be used here (install command).
@@ -84,6 +90,13 @@ def create_backend(bundle: str | os.PathLike | Bundle, device: str = "auto",
         raise EngineError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     requested = bundle.requested_engine
     variant = variant or bundle.requested_variant
+    if variant is not None and variant not in VARIANTS:
+        raise EngineError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    if is_openvino(variant):
+        return _openvino(bundle, device, variant, threads)
+    auto, variant = variant == AUTO, None if variant == AUTO else variant
+    if auto and device == "cpu":
+        return choose_cpu_backend(bundle, threads)
     if requested == "tensorrt":
         if device == "cpu":
             raise BackendUnavailableError(
@@ -111,7 +124,20 @@ def create_backend(bundle: str | os.PathLike | Bundle, device: str = "auto",
         except (EngineError, BackendUnavailableError) as e:
             warnings.warn(f"device 'auto': ONNX Runtime CUDA is installed but unusable ({e}); "
                           f"running on the CPU", RuntimeWarning, stacklevel=2)
+    if auto:
+        return choose_cpu_backend(bundle, threads)
     return OnnxRuntimeBackend(bundle, "cpu", variant or "fp32", threads, device_id)
+
+
+def _openvino(bundle: Bundle, device: str, variant: str, threads: int | None) -> Backend:
+    """The OpenVINO CPU backend (imported here only: openvino is an optional extra)."""
+    if device == "cuda":
+        raise BackendUnavailableError(f"variant {variant} runs on the CPU (OpenVINO); use device "
+                                      f"'cpu' or 'auto', or a TensorRT/ONNX Runtime variant on "
+                                      f"cuda")
+    from segclip.runtime.backends.openvino import OpenVinoBackend, OpenVinoOptions
+
+    return OpenVinoBackend(bundle, variant, OpenVinoOptions(threads=threads))
 
 
 def backend_label(backend: Any) -> str:

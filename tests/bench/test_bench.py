@@ -158,8 +158,8 @@ def test_latency_json_is_well_formed(latency_run: tuple[dict[str, Any], str]) ->
         for case in backend["image"]:
             _ok_case(case)
             assert case["achieved_gflops"] > 0
-            assert (0 < case["peak_fraction"]) if name != "ort-int8" else (
-                "peak_fraction" not in case)  # no int8 ceiling is measured
+            assert 0 < case["peak_fraction"]
+            assert case["peak_reference"] == ("cpu_int8" if name == "ort-int8" else "cpu_fp32")
     assert by_name["torch"]["info"]["torch_threads"] == 1
     assert by_name["ort-cpu"]["info"]["intra_op_threads"] == 1
     assert by_name["ort-cpu"]["info"]["providers"][0] == "CPUExecutionProvider"

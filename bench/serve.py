@@ -1,0 +1,285 @@
+"""segclip-serve under a bounded client load, against the same work through `Segmenter` directly.
+
+    python bench/serve.py --bundle DIR [--concurrency 1,4,16] [--requests 96] [--rounds 3]
+        [--labels 20] [--size 375x500] [--threads N] [--max-batch 16] [--max-wait-ms 5]
+        [--variant fp32] [--out FILE.json]
+
+Starts `segclip-serve` on 127.0.0.1 (a free port) and, in this process, a `Segmenter` on the same
+bundle with the same threads. Each round runs, for every concurrency level, first the direct
+baseline and then the server, so load from other work hits both alike: at concurrency 1 the
+baseline is `Segmenter.segment` on the encoded image (decoding included) one request at a time;
+at concurrency c > 1 it is `Segmenter.segment_batch` on chunks of min(c, max_batch) images. The
+server gets `--requests` requests per level and round from c client threads (httpx, keep-alive,
+multipart, the label map PNG in the response). Reported per level: requests/s, client latency
+p50/p90/p99, the server's per-stage p50/p90/p99 (`timings_ms`), errors, batch sizes; server RSS
+after warm-up and at the end. Ratios: server latency / direct latency at concurrency 1, server
+throughput / direct batched throughput at the highest concurrency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python bench/serve.py` puts bench/, not the repo, on the path
+    sys.path.insert(0, str(ROOT))
+
+STAGES = ("queue", "decode", "preprocess", "text", "image", "assign", "encode", "total")
+STARTUP_S = 300.0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument("--requests", type=int, default=96, help="per level and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--labels", type=int, default=20)
+    parser.add_argument("--size", default="375x500", help="HxW of the synthetic photos")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--variant", default=None)
+    parser.add_argument("--out", type=Path, default=None)
+    return parser.parse_args(argv)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return -1
+
+
+def start_server(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    port = _free_port()
+    command = [sys.executable, "-m", "segclip.runtime.serve.cli", "--engine", str(args.bundle),
+               "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+               "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
+               "--queue", "256"]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    if args.variant:
+        command += ["--variant", args.variant]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + STARTUP_S
+    while True:
+        if process.poll() is not None:
+            raise SystemExit(f"error: segclip-serve exited: {log.read_text()}")
+        try:
+            if httpx.get(url + "/readyz", timeout=5).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            raise SystemExit(f"error: segclip-serve not ready after {STARTUP_S} s")
+        time.sleep(0.2)
+
+
+def make_images(size: str, count: int = 8) -> list[bytes]:
+    from PIL import Image
+
+    from bench._inputs import synthetic_scene
+
+    height, width = (int(v) for v in size.lower().split("x"))
+    out = []
+    for seed in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray(synthetic_scene(height, width, seed)).save(buffer, format="JPEG",
+                                                                   quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+def run_direct(segmenter: Any, images: list[bytes], labels: list[str], requests: int,
+               concurrency: int, max_batch: int) -> dict[str, Any]:
+    from PIL import Image
+
+    latencies, began = [], time.perf_counter()
+    chunk = 1 if concurrency == 1 else min(concurrency, max_batch)
+    done = 0
+    while done < requests:
+        count = min(chunk, requests - done)
+        batch = [Image.open(io.BytesIO(images[(done + i) % len(images)])) for i in range(count)]
+        start = time.perf_counter()
+        if count == 1:
+            segmenter.segment(batch[0], labels)
+        else:
+            segmenter.segment_batch(batch, labels)
+        latencies.append(time.perf_counter() - start)
+        done += count
+    wall = time.perf_counter() - began
+    return {"latencies_s": latencies, "wall_s": wall, "images": requests, "chunk": chunk}
+
+
+def run_server(url: str, images: list[bytes], labels: list[str], requests: int,
+               concurrency: int) -> dict[str, Any]:
+    import httpx
+
+    form = {"labels": json.dumps(labels)}
+
+    def client(worker: int) -> list[tuple[float, int, dict[str, Any]]]:
+        out = []
+        with httpx.Client(base_url=url, timeout=300) as session:
+            for index in range(worker, requests, concurrency):
+                data = images[index % len(images)]
+                start = time.perf_counter()
+                response = session.post("/v1/segment", data=form,
+                                        files={"image": ("image.jpg", data, "image/jpeg")})
+                latency = time.perf_counter() - start
+                body = response.json() if response.status_code == 200 else {}
+                out.append((latency, response.status_code, body))
+        return out
+
+    began = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = [r for rs in pool.map(client, range(concurrency)) for r in rs]
+    wall = time.perf_counter() - began
+    return {"latencies_s": [r[0] for r in results if r[1] == 200], "wall_s": wall,
+            "errors": sum(r[1] != 200 for r in results), "requests": len(results),
+            "stages_ms": {s: [r[2]["timings_ms"][s] for r in results if r[1] == 200]
+                          for s in STAGES},
+            "batch_sizes": [r[2]["batch_size"] for r in results if r[1] == 200]}
+
+
+def _pcts(values_ms: list[float]) -> dict[str, float]:
+    from bench._stats import percentile
+
+    if not values_ms:
+        return {}
+    return {f"p{q}_ms": round(percentile(values_ms, q), 3) for q in (50, 90, 99)}
+
+
+def summarize_level(direct: list[dict], server: list[dict]) -> dict[str, Any]:
+    from bench._stats import summarize
+
+    d_lat = [s for r in direct for s in r["latencies_s"]]
+    s_lat = [s for r in server for s in r["latencies_s"]]
+    d_images = sum(r["images"] for r in direct)
+    s_ok = sum(r["requests"] - r["errors"] for r in server)
+    stages = {s: _pcts([v for r in server for v in r["stages_ms"][s]]) for s in STAGES}
+    batches = [b for r in server for b in r["batch_sizes"]]
+    return {"direct": {"chunk": direct[0]["chunk"], "calls": len(d_lat),
+                       "latency_per_call": summarize(d_lat),
+                       "images_per_s": d_images / sum(r["wall_s"] for r in direct)},
+            "server": {"requests": sum(r["requests"] for r in server),
+                       "errors": sum(r["errors"] for r in server),
+                       "requests_per_s": s_ok / sum(r["wall_s"] for r in server),
+                       "latency": summarize(s_lat), "stages_ms": stages,
+                       "batch_size_mean": sum(batches) / max(1, len(batches)),
+                       "batch_size_max": max(batches, default=0)}}
+
+
+def collect(args: argparse.Namespace) -> dict[str, Any]:
+    from bench._inputs import label_names
+    from bench._machine import machine_info, machine_slug
+    from segclip.runtime.segmenter import Segmenter
+
+    levels = [int(c) for c in args.concurrency.split(",")]
+    labels = label_names(args.labels)
+    images = make_images(args.size)
+    info = machine_info()
+    log = Path(tempfile.mkdtemp(prefix="segclip-bench-serve-")) / "server.log"
+    process, url = start_server(args, log)
+    try:
+        segmenter = Segmenter(args.bundle, device="cpu", threads=args.threads,
+                              variant=args.variant, batch_size=args.max_batch)
+        run_direct(segmenter, images, labels, 4, 1, args.max_batch)  # warm both sides
+        run_server(url, images, labels, 4, 1)
+        rss_before = _rss_kib(process.pid)
+        raw: dict[int, dict[str, list]] = {c: {"direct": [], "server": []} for c in levels}
+        for round_ in range(args.rounds):
+            for c in levels:
+                raw[c]["direct"].append(run_direct(segmenter, images, labels, args.requests, c,
+                                                   args.max_batch))
+                raw[c]["server"].append(run_server(url, images, labels, args.requests, c))
+                print(f"round {round_ + 1}/{args.rounds} concurrency {c}: done", flush=True)
+        rss_after = _rss_kib(process.pid)
+        segmenter.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    results = {c: summarize_level(raw[c]["direct"], raw[c]["server"]) for c in levels}
+    c1, top = results.get(1), results[max(levels)]
+    ratios = {}
+    if c1:
+        ratios["latency_c1_server_over_direct"] = (
+            c1["server"]["latency"]["median_ms"] / c1["direct"]["latency_per_call"]["median_ms"])
+    ratios[f"throughput_c{max(levels)}_server_over_direct_batched"] = (
+        top["server"]["requests_per_s"] / top["direct"]["images_per_s"])
+    return {"bench": "serve", "bundle": str(args.bundle), "machine": info,
+            "machine_slug": machine_slug(info), "load_average_end": os.getloadavg(),
+            "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "labels": len(labels), "image_size": args.size,
+            "rss_kib": {"after_warm_up": rss_before, "end": rss_after},
+            "levels": {str(c): results[c] for c in levels}, "ratios": ratios,
+            "targets": [{"target": "server latency at concurrency 1 <= 1.10x direct",
+                         "value": ratios.get("latency_c1_server_over_direct")},
+                        {"target": f"server throughput at concurrency {max(levels)} >= 0.9x "
+                                   f"direct batched",
+                         "value": ratios[f"throughput_c{max(levels)}_server_over_direct_batched"]}]}
+
+
+def print_summary(results: dict[str, Any]) -> None:
+    print(f"\n{results['bundle']}: {results['labels']} labels, {results['image_size']} images, "
+          f"load average at end {[round(v, 2) for v in results['load_average_end']]}")
+    print("| concurrency | direct img/s | server req/s | direct p50 ms | server p50 / p90 / p99 "
+          "ms | server image p50 ms | queue p50 ms | mean batch | errors |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for c, level in results["levels"].items():
+        d, s = level["direct"], level["server"]
+        lat = s["latency"]
+        print(f"| {c} | {d['images_per_s']:.1f} | {s['requests_per_s']:.1f} | "
+              f"{d['latency_per_call']['median_ms']:.1f} (x{d['chunk']}) | "
+              f"{lat['median_ms']:.1f} / {lat['p90_ms']:.1f} / {lat['p99_ms']:.1f} | "
+              f"{s['stages_ms']['image'].get('p50_ms', float('nan')):.1f} | "
+              f"{s['stages_ms']['queue'].get('p50_ms', float('nan')):.2f} | "
+              f"{s['batch_size_mean']:.2f} | {s['errors']} |")
+    rss = results["rss_kib"]
+    print(f"server RSS: {rss['after_warm_up'] / 1024:.1f} MiB after warm-up, "
+          f"{rss['end'] / 1024:.1f} MiB at the end")
+    for target in results["targets"]:
+        value = target["value"]
+        print(f"{target['target']}: {'-' if value is None else f'{value:.3f}x'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if not (args.bundle / "segclip.json").is_file():
+        print(f"error: {args.bundle} is not a bundle directory (no segclip.json)",
+              file=sys.stderr)
+        raise SystemExit(2)
+    results = collect(args)
+    print_summary(results)
+    name = f"serve-{args.bundle.name}.json"
+    out = args.out or ROOT / "bench" / "results" / results["machine_slug"] / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(f"\nresults: {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""`LocalEngine`: cross-request batching over one `Segmenter` (docs/serve.md "Batching").
+
+Requests put a `SegmentJob` on a bounded asyncio queue (full: `QueueFull`, answered 503). One
+worker task takes the first job, then more up to `max_batch`: those already queued at once, and
+while other requests are still being read or decoded (`expect`), it waits for them at most
+`max_wait_ms`; when nothing else is pending it runs at once, so a lone request never waits. The
+batch runs in one worker thread (`Segmenter.segment_each`: the windows of all its images share
+image-tower calls, each image keeps its own label set and threshold), so the event loop stays
+free. Label-set embeddings are computed once (the Segmenter's LRU cache). A job whose request
+timed out or disconnected is dropped before it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from segclip.runtime.segmenter import Segmenter, SegmentResult
+from segclip.runtime.serve.requests import SegmentJob
+from segclip.runtime.serve.settings import ServeSettings
+
+WARM_UP_LABELS = ("object",)
+WARM_UP_SIDE = 32  # pixels of the warm-up image (resized up to the window side)
+
+
+class QueueFull(Exception):
+    """The engine's queue holds `queue` jobs already."""
+
+
+@dataclass(frozen=True)
+class EngineResult:
+    """A job's segmentation, how long it waited in the queue, and the batch it ran in."""
+
+    result: SegmentResult
+    queue_ms: float
+    batch_size: int
+    first_in_batch: bool  # one job per batch is marked, so batch sizes are counted once
+
+
+@dataclass
+class _Pending:
+    job: SegmentJob
+    future: asyncio.Future
+    queued_at: float
+
+
+class LocalEngine:
+    """The `Engine` of one process: a `Segmenter` and a batching worker."""
+
+    def __init__(self, segmenter: Segmenter, settings: ServeSettings) -> None:
+        self.segmenter, self.settings = segmenter, settings
+        self.ready = False
+        self._queue: asyncio.Queue[_Pending] | None = None
+        self._worker: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="segclip-batch")
+        self._text_executor = ThreadPoolExecutor(1, thread_name_prefix="segclip-text")
+        self._expected = 0  # requests being read or decoded, not yet queued
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize() if self._queue is not None else 0
+
+    def expect(self, delta: int) -> None:
+        """The app announces (+1) a request it is reading, and withdraws it (-1) once queued
+        or failed; the worker waits for announced requests at most `max_wait_ms`."""
+        self._expected += delta
+
+    async def start(self) -> None:
+        self._queue = asyncio.Queue(maxsize=self.settings.queue)
+        self._worker = asyncio.create_task(self._run(), name="segclip-batcher")
+
+    async def warm_up(self) -> None:
+        """Run the text and image towers once; then `ready` is True."""
+        image = np.full((WARM_UP_SIDE, WARM_UP_SIDE, 3), 127, dtype=np.uint8)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self.segmenter.segment, image,
+                                   list(WARM_UP_LABELS))
+        self.ready = True
+
+    async def register_label_set(self, labels: tuple[str, ...]) -> float:
+        """Compute (or find cached) the label set's embeddings; the milliseconds spent."""
+        loop = asyncio.get_running_loop()
+        began = time.perf_counter()
+        await loop.run_in_executor(self._text_executor, self.segmenter.embed_labels,
+                                   list(labels))
+        return (time.perf_counter() - began) * 1e3
+
+    async def segment(self, job: SegmentJob) -> EngineResult:
+        if self._queue is None:
+            raise RuntimeError("LocalEngine.start() was not awaited")
+        pending = _Pending(job, asyncio.get_running_loop().create_future(), time.perf_counter())
+        try:
+            self._queue.put_nowait(pending)
+        except asyncio.QueueFull:
+            raise QueueFull(f"{self._queue.maxsize} requests are already waiting") from None
+        return await pending.future
+
+    async def _collect(self) -> list[_Pending]:
+        assert self._queue is not None
+        batch = [await self._queue.get()]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.max_wait_ms / 1e3
+        while len(batch) < self.settings.max_batch:
+            if not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+                continue
+            remaining = deadline - loop.time()
+            if self._expected <= 0 or remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except asyncio.TimeoutError:
+                break
+        return [p for p in batch if not p.future.done()]  # drop timed-out jobs
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect()
+            if not batch:
+                continue
+            started = time.perf_counter()
+            jobs = [p.job for p in batch]
+            try:
+                results = await loop.run_in_executor(self._executor, self._segment, jobs)
+            except Exception as e:  # noqa: BLE001 - handed to each request, never swallowed
+                results = [e] * len(batch)
+            for index, (pending, result) in enumerate(zip(batch, results)):
+                if pending.future.done():
+                    continue
+                if isinstance(result, Exception):
+                    pending.future.set_exception(result)
+                else:
+                    queue_ms = (started - pending.queued_at) * 1e3
+                    pending.future.set_result(EngineResult(result, queue_ms, len(batch),
+                                                           index == 0))
+
+    def _segment(self, jobs: list[SegmentJob]) -> list[SegmentResult | Exception]:
+        """All jobs in one `segment_each`; if that fails, each alone so one bad job fails
+        alone."""
+        try:
+            return list(self.segmenter.segment_each([j.image for j in jobs],
+                                                    [j.labels for j in jobs],
+                                                    [j.threshold for j in jobs]))
+        except Exception:  # noqa: BLE001 - retried one by one below
+            if len(jobs) == 1:
+                raise
+        results: list[SegmentResult | Exception] = []
+        for job in jobs:
+            try:
+                results.append(self.segmenter.segment(job.image, list(job.labels),
+                                                      job.threshold))
+            except Exception as e:  # noqa: BLE001 - the job's own error, raised in its request
+                results.append(e)
+        return results
+
+    def model_info(self) -> dict[str, Any]:
+        seg = self.segmenter
+        bundle = seg.bundle
+        facts: dict[str, Any] = {
+            "bundle": str(bundle.root), "image_size": bundle.image_size,
+            "embed_dim": bundle.embed_dim, "context_length": bundle.context_length,
+            "template": bundle.template, "threshold": seg.threshold, "top_k": seg.top_k,
+            "manifest_sha256": bundle.manifest_sha256, "backend": seg.backend,
+            "engine": {k: (str(v) if not isinstance(v, (int, float, bool)) else v)
+                       for k, v in seg.backend_info.items()},
+            "windows_per_call": seg.batch_size,
+        }
+        return facts
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+        self._executor.shutdown(wait=True)
+        self._text_executor.shutdown(wait=True)
+        self.segmenter.close()
