@@ -2,7 +2,7 @@
 
     python bench/serve.py --bundle DIR [--concurrency 1,4,16] [--requests 96] [--rounds 3]
         [--labels 20] [--size 375x500] [--threads N] [--max-batch 16] [--max-wait-ms 5]
-        [--variant fp32] [--out FILE.json]
+        [--variant fp32] [--timeout-s 600] [--out FILE.json]
 
 Starts `segclip-serve` on 127.0.0.1 (a free port) and, in this process, a `Segmenter` on the same
 bundle with the same threads. Each round runs, for every concurrency level, first the direct
@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--variant", default=None)
+    parser.add_argument("--timeout-s", type=float, default=600.0,
+                        help="the server's --timeout-s (long: a CPU batch of 16 takes seconds)")
     parser.add_argument("--out", type=Path, default=None)
     return parser.parse_args(argv)
 
@@ -76,7 +78,7 @@ def start_server(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen,
     command = [sys.executable, "-m", "segclip.runtime.serve.cli", "--engine", str(args.bundle),
                "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
                "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
-               "--queue", "256"]
+               "--queue", "256", "--timeout-s", str(args.timeout_s)]
     if args.threads:
         command += ["--threads", str(args.threads)]
     if args.variant:
@@ -160,6 +162,7 @@ def run_server(url: str, images: list[bytes], labels: list[str], requests: int,
     wall = time.perf_counter() - began
     return {"latencies_s": [r[0] for r in results if r[1] == 200], "wall_s": wall,
             "errors": sum(r[1] != 200 for r in results), "requests": len(results),
+            "error_statuses": sorted(r[1] for r in results if r[1] != 200),
             "stages_ms": {s: [r[2]["timings_ms"][s] for r in results if r[1] == 200]
                           for s in STAGES},
             "batch_sizes": [r[2]["batch_size"] for r in results if r[1] == 200]}
@@ -187,6 +190,7 @@ def summarize_level(direct: list[dict], server: list[dict]) -> dict[str, Any]:
                        "images_per_s": d_images / sum(r["wall_s"] for r in direct)},
             "server": {"requests": sum(r["requests"] for r in server),
                        "errors": sum(r["errors"] for r in server),
+                       "error_statuses": sorted(s for r in server for s in r["error_statuses"]),
                        "requests_per_s": s_ok / sum(r["wall_s"] for r in server),
                        "latency": summarize(s_lat), "stages_ms": stages,
                        "batch_size_mean": sum(batches) / max(1, len(batches)),

@@ -1,8 +1,10 @@
 """Backend registry (docs/architecture.md "Layout and packages"): pick the engine that runs a
 bundle.
 
-`create_backend(bundle, device)`:
-- "cpu": ONNX Runtime on the CPU.
+`create_backend(bundle, device, variant)`:
+- "cpu": ONNX Runtime on the CPU; OpenVINO for the variants "ov-f32", "ov-bf16", "ov-int8"
+  (runtime/backends/openvino.py, imported only then); variant "auto": the fastest CPU variant
+  whose parity passed, by a measured probe (runtime/backends/_auto.py).
 - "cuda": TensorRT when the bundle has engines and tensorrt + cuda-python + a GPU are present,
   else ONNX Runtime's CUDA execution provider; neither -> `BackendUnavailableError`.
 - "auto": TensorRT if possible, else ONNX Runtime CUDA if this onnxruntime has it, else CPU.

@@ -3,7 +3,8 @@
 Routes: `GET /` (the demo page), `GET /healthz`, `GET /readyz`, `GET /metrics`, `GET /v1/model`,
 `POST /v1/label-sets`, `POST /v1/segment`, plus FastAPI's `/docs` and `/openapi.json`. The app
 parses, validates, decodes, encodes and counts; the engine (see the package docstring) only
-segments. Decoding and encoding run in the thread pool, so the loop keeps accepting requests.
+segments. Decoding and encoding run in a small thread pool of their own (few threads keep memory
+bounded), so the loop keeps accepting requests.
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
 
 from segclip._version import __version__
 from segclip.errors import SegclipError
@@ -42,6 +44,7 @@ from segclip.runtime.serve.responses import label_png, segment_body
 from segclip.runtime.serve.settings import ServeSettings
 
 log = logging.getLogger("segclip.serve")
+CODEC_THREADS = min(4, os.cpu_count() or 1)  # image decode / PNG, JPEG encode threads
 HAS_SCORES = "scores" in getattr(SegmentResult, "__dataclass_fields__", {})
 
 
@@ -135,6 +138,10 @@ def build_app(engine: Any, settings: ServeSettings,
     metrics = Metrics(lambda: engine.queue_depth)
     label_sets = label_sets if label_sets is not None else LabelSets(settings.label_sets)
     expect = getattr(engine, "expect", lambda delta: None)
+    codec = ThreadPoolExecutor(CODEC_THREADS, thread_name_prefix="segclip-codec")
+
+    async def in_codec(function: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(codec, function, *args)
     state: dict[str, Any] = {"warm_up_error": None}
 
     async def warm_up() -> None:
@@ -154,6 +161,7 @@ def build_app(engine: Any, settings: ServeSettings,
         finally:
             task.cancel()
             await engine.close()
+            codec.shutdown(wait=True)
 
     app = FastAPI(title="segclip-serve", version=__version__, lifespan=lifespan,
                   description="Open-vocabulary semantic segmentation (SegCLIP) over HTTP.")
@@ -209,13 +217,13 @@ def build_app(engine: Any, settings: ServeSettings,
 
     @app.post("/v1/segment", dependencies=guarded)
     async def segment(request: Request) -> Response:
-        return await _segment(request, engine, settings, metrics, label_sets, expect)
+        return await _segment(request, engine, settings, metrics, label_sets, expect, in_codec)
 
     return app
 
 
 async def _segment(request: Request, engine: Any, settings: ServeSettings, metrics: Metrics,
-                   label_sets: LabelSets, expect: Any) -> Response:
+                   label_sets: LabelSets, expect: Any, in_codec: Any) -> Response:
     began = time.perf_counter()
     expect(1)
     expecting = True
@@ -226,7 +234,7 @@ async def _segment(request: Request, engine: Any, settings: ServeSettings, metri
         labels = parsed.labels
         if labels is None:
             labels = label_sets.get(parsed.label_set or "")
-        image, decode_ms = await run_in_threadpool(decode_image, parsed.image_bytes,
+        image, decode_ms = await in_codec(decode_image, parsed.image_bytes,
                                                    settings.max_pixels)
         expect(-1)
         expecting = False
@@ -255,14 +263,14 @@ async def _segment(request: Request, engine: Any, settings: ServeSettings, metri
     accept = request.headers.get("accept", "")
     if "image/png" in accept and "application/json" not in accept:
         began_encode = time.perf_counter()
-        png = await run_in_threadpool(label_png, result.label_map, len(result.labels))
+        png = await in_codec(label_png, result.label_map, len(result.labels))
         timings["encode"] = (time.perf_counter() - began_encode) * 1e3
         timings["total"] = (time.perf_counter() - began) * 1e3
         metrics.observe_stages(timings)
         return Response(png, media_type="image/png", headers={
             "X-Segclip-Labels": json.dumps(list(result.labels)),
             "X-Segclip-Timings": json.dumps({k: round(v, 3) for k, v in timings.items()})})
-    body, timings["encode"] = await run_in_threadpool(segment_body, result, image,
+    body, timings["encode"] = await in_codec(segment_body, result, image,
                                                       parsed.outputs)
     timings["total"] = (time.perf_counter() - began) * 1e3
     metrics.observe_stages(timings)

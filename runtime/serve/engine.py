@@ -13,6 +13,7 @@ timed out or disconnected is dropped before it runs.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,10 +21,12 @@ from typing import Any
 
 import numpy as np
 
+from segclip.errors import SegclipError
 from segclip.runtime.segmenter import Segmenter, SegmentResult
 from segclip.runtime.serve.requests import SegmentJob
 from segclip.runtime.serve.settings import ServeSettings
 
+log = logging.getLogger("segclip.serve")
 WARM_UP_LABELS = ("object",)
 WARM_UP_SIDE = 32  # pixels of the warm-up image (resized up to the window side)
 
@@ -129,6 +132,8 @@ class LocalEngine:
             try:
                 results = await loop.run_in_executor(self._executor, self._segment, jobs)
             except Exception as e:  # noqa: BLE001 - handed to each request, never swallowed
+                if not isinstance(e, SegclipError):  # a client's mistake is answered, not logged
+                    log.exception("a batch of %d failed", len(batch))
                 results = [e] * len(batch)
             for index, (pending, result) in enumerate(zip(batch, results)):
                 if pending.future.done():
@@ -170,6 +175,7 @@ class LocalEngine:
             "engine": {k: (str(v) if not isinstance(v, (int, float, bool)) else v)
                        for k, v in seg.backend_info.items()},
             "windows_per_call": seg.batch_size,
+            "variant": seg.backend_info.get("variant"),
         }
         return facts
 

@@ -21,6 +21,7 @@ between them), `num_cpus`, `num_gpus` (per replica), `name`, and the `ServeSetti
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -265,6 +266,7 @@ def serve_forever(options: RayServeOptions, host: str = "127.0.0.1", port: int =
                      ) as ray:
         from ray import serve
 
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # one line below says where
         serve.start(http_options={"host": host, "port": port})
         try:
             try:

@@ -196,3 +196,19 @@ def test_without_ray_installed_one_line(tiny_bundle: Path, photos: dict[str, Pat
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install 'segclip[ray]'" in lines[0], result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_user_errors_are_one_line_before_ray_starts(tiny_bundle: Path, photos: dict[str, Path],
+                                                    tmp_path: Path) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n")
+    cases = [(["--labels", str(empty)], "label"),
+             (["--labels", str(photos["labels"]), "--actors", "0"], "--actors"),
+             (["--labels", str(photos["labels"]), str(tmp_path / "nope.png")], "nope.png")]
+    for args, fragment in cases:
+        result = runner.invoke(app, ["--engine", str(tiny_bundle), "--out", str(tmp_path / "o"),
+                                     "--quiet", "--ray", *args, str(photos["folder"])])
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], lines
+    assert not (tmp_path / "o").exists()

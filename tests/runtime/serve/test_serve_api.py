@@ -238,6 +238,8 @@ def test_size_limits_are_413(client: httpx.Client) -> None:
     bomb = _bomb_png()
     assert len(bomb) < 200_000
     assert_problem(segment_multipart(client, bomb, LABELS), 413, "pixels")
+    sliver = image_bytes(1, 1100, 5)  # 1100 windows after the short-side resize
+    assert_problem(segment_multipart(client, sliver, LABELS), 413, "windows")
     assert client.get("/healthz").status_code == 200  # the server survived
 
 

@@ -1,0 +1,33 @@
+"""bench/serve.py end to end on a tiny bundle: a server, a short bounded load at two
+concurrencies, well-formed JSON whose counts and ratios follow from its own figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from _bench_helpers import run_script
+
+pytest.importorskip("fastapi")
+
+
+def test_serve_bench_runs_and_reports(bench_bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "serve.json"
+    proc = run_script("serve.py", "--bundle", str(bench_bundle), "--concurrency", "1,3",
+                      "--requests", "6", "--rounds", "1", "--labels", "4", "--size", "64x96",
+                      "--threads", "1", "--out", str(out))
+    results = json.loads(out.read_text())
+    assert set(results["levels"]) == {"1", "3"}
+    for level in results["levels"].values():
+        server, direct = level["server"], level["direct"]
+        assert server["requests"] == 6 and server["errors"] == 0
+        assert server["latency"]["n"] == 6 and server["requests_per_s"] > 0
+        assert direct["images_per_s"] > 0
+        assert server["stages_ms"]["image"]["p50_ms"] <= server["stages_ms"]["total"]["p50_ms"]
+    assert results["levels"]["3"]["direct"]["chunk"] == 3
+    c1 = results["levels"]["1"]
+    assert results["ratios"]["latency_c1_server_over_direct"] == pytest.approx(
+        c1["server"]["latency"]["median_ms"] / c1["direct"]["latency_per_call"]["median_ms"])
+    assert results["rss_kib"]["after_warm_up"] > 0 and results["rss_kib"]["end"] > 0
+    assert "server latency at concurrency 1" in proc.stdout and "| 3 |" in proc.stdout
