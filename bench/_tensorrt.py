@@ -6,7 +6,8 @@ Two figures per case:
   host <-> device copies a caller of the backend pays;
 - `engine_only` runs the same plan with the TensorRT 10 public API on inputs already on the GPU
   (`set_input_shape`, `set_tensor_address`, `execute_async_v3`, stream sync): the engine's own
-  latency, without the copies (runtime-practice.md pitfall 8). Buffers are torch CUDA tensors on
+  latency, without the copies (docs/runtime-practice.md pitfall 8). Buffers are torch CUDA tensors
+  on
   a torch stream, so no second CUDA context is created (pitfall 4).
 
 The bundle's image engine must have the wanted precision; otherwise `--trt-build DIR` builds

@@ -2,7 +2,7 @@
 
 Each runner prepares one case (`image(batch)`, `text(tokens)`) and returns a closure that runs it
 once; `sync()` waits for the device. Inputs live where the backend reads them (device memory on
-GPU, bound once: reference/runtime-practice.md pitfall 8, "host copies without IO binding"), and
+GPU, bound once: docs/runtime-practice.md pitfall 8, "host copies without IO binding"), and
 a backend that is not there raises `Unavailable` with the reason, which the benchmark reports.
 
 - torch / torch-cuda: PyTorch eager `encode_image` / `encode_text` under `inference_mode`.

@@ -1,5 +1,5 @@
 """Export-only transformer blocks: the math of open_clip's `ResidualAttentionBlock`, written so
-the traced ONNX graph is lean (reference/runtime-practice.md "ONNX export of ViTs").
+the traced ONNX graph is lean (docs/runtime-practice.md "ONNX export of ViTs").
 
 `nn.MultiheadAttention` traces into a packed in-projection on (N, B, D) tokens followed by
 Gathers that copy q, k and v apart, a bias Add after every 3-D MatMul and several Transposes per

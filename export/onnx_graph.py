@@ -1,6 +1,6 @@
 """ONNX export of the two towers and the graph checks every exported file passes
 (docs/architecture.md
-"Bundle contract"; reference/runtime-practice.md "ONNX export of ViTs").
+"Bundle contract"; docs/runtime-practice.md "ONNX export of ViTs").
 
 The exporter is pinned: `torch.onnx.export(..., dynamo=False)`, the TorchScript exporter, whose
 `dynamic_axes` give the dynamic batch / label count and which supports opsets 17..20 (17 is the

@@ -1,6 +1,6 @@
 """Reduced-precision variants of the image graph (docs/architecture.md "Bundle contract":
 image.fp16.onnx;
-reference/runtime-practice.md pitfall 2, "FP16 transformer overflow").
+docs/runtime-practice.md pitfall 2, "FP16 transformer overflow").
 
 - fp16: `onnxruntime.transformers.float16` (no extra dependency) with float32 graph I/O; norms,
   softmaxes, reductions and the hard-assignment comparison stay float32, where fp16 overflows or
@@ -29,7 +29,7 @@ import onnx
 
 from segclip.export.errors import ExportError
 
-# Kept in float32 in the fp16 graph. LayerNormalization/Softmax/Reduce* as runtime-practice.md
+# Kept in float32 in the fp16 graph. LayerNormalization/Softmax/Reduce* as docs/runtime-practice.md
 # asks; Equal because the hard assignment compares the softmax with its max; Erf/Sqrt/Pow are
 # cheap and range-sensitive.
 FP16_KEEP_FLOAT32 = ("LayerNormalization", "Softmax", "ReduceMax", "ReduceMean", "ReduceSum",

@@ -1,6 +1,6 @@
 """TensorRT engines for a bundle (docs/architecture.md "Bundle contract": image.plan, text.plan,
 one manifest
-entry per engine; reference/runtime-practice.md "TensorRT 10.x").
+entry per engine; docs/runtime-practice.md "TensorRT 10.x").
 
 Written against the TensorRT 10 Python API: `create_network(0)` (explicit batch is implicit),
 `OnnxParser.parse_from_file` with every parser error listed, one `IOptimizationProfile` per
@@ -111,7 +111,7 @@ def _parse_onnx(trt: Any, builder: Any, logger: Any, onnx_path: Path, strongly_t
 
 def _keep_float32(trt: Any, network: Any) -> int:
     """Pin normalisation, softmax and reduction layers to float32 in a weakly typed fp16 build
-    (runtime-practice.md pitfall 2); returns how many layers were pinned."""
+    (docs/runtime-practice.md pitfall 2); returns how many layers were pinned."""
     kinds = {trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX, trt.LayerType.REDUCE}
     pinned = 0
     for index in range(network.num_layers):

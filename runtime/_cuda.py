@@ -3,7 +3,7 @@
 Imports cuda-python at the top (new `cuda.bindings` layout, or the older `cuda.cudart` one), so
 only the GPU modules import this file, and only when selected (STYLE.md "Optional heavy
 dependencies"). Everything uses the runtime API on the device's *primary* context, the one
-ONNX Runtime, TensorRT and torch also use (runtime-practice.md pitfall 4: no private contexts).
+ONNX Runtime, TensorRT and torch also use (docs/runtime-practice.md pitfall 4: no private contexts).
 """
 
 from __future__ import annotations

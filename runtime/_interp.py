@@ -4,7 +4,7 @@
 output index i at source coordinate (i + 0.5) * in / out - 0.5, clamp it below at 0, and blend
 the samples floor(c) and min(floor(c) + 1, in - 1). Bilinear = this along H, then along W.
 Used by the label assignment (paper §2.5: interpolate the mapping to image size) and the
-short-side resize (reference §4 preprocessing). Legend: N output samples.
+short-side resize (docs/official-implementation.md §4 preprocessing). Legend: N output samples.
 """
 
 from __future__ import annotations

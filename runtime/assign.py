@@ -1,4 +1,5 @@
-"""Fused label assignment (docs/architecture.md "Label assignment", paper §2.5, reference §4 steps
+"""Fused label assignment (docs/architecture.md "Label assignment", paper §2.5,
+docs/official-implementation.md §4 steps
 3-7).
 
 Per window, from the image engine's `global` [D], `regions` [L, D], `assign` [L, h, w] and the

@@ -8,7 +8,7 @@ preprocessing the runtime relies on, and that every listed file is present with 
 size. Checks that need a loaded graph run where the graph is loaded: every backend passes the
 graph's or engine's I/O metadata to `Bundle.check_io`, and the TensorRT backend passes the
 TensorRT version and GPU it found to `Bundle.check_engine`, which refuses an engine built for
-another one (runtime-practice.md pitfall 1). Every error is a `BundleError` (or `EngineError`)
+another one (docs/runtime-practice.md pitfall 1). Every error is a `BundleError` (or `EngineError`)
 naming the file and the fix.
 """
 
@@ -30,6 +30,7 @@ from segclip.runtime.errors import BundleError, EngineError
 IMAGE_VARIANT_KEYS = {"fp32": "image", "fp16": "image_fp16", "int8": "image_int8"}
 _ENGINE_FILES = {contract.IMAGE_ONNX: ("onnx", "fp32"), contract.IMAGE_FP16_ONNX: ("onnx", "fp16"),
                  contract.IMAGE_INT8_ONNX: ("onnx", "int8"),
+                 "image.ov-int8.xml": ("openvino", "ov-int8"),  # runtime/variants.py OV_INT8_XML
                  contract.IMAGE_PLAN: ("tensorrt", None)}
 MAX_LOGIT_SCALE = 100.0
 

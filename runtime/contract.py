@@ -36,7 +36,7 @@ TEXT_OUTPUT = "text"
 BATCH_DIM = "batch"
 LABELS_DIM = "labels"
 
-# preprocessing and inference defaults (official protocol, reference §4)
+# preprocessing and inference defaults (official protocol, docs/official-implementation.md §4)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_TEMPLATE = "a photo of a {}."

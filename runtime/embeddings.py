@@ -1,4 +1,4 @@
-"""Label embeddings, computed once per label set (paper §2.5 "Inference"; runtime-practice.md
+"""Label embeddings, computed once per label set (paper §2.5 "Inference"; docs/runtime-practice.md
 feature 1: the label set changes at run time without re-export).
 
 labels -> prompts (the bundle's template) -> tokens (`tokenizer.json`, context C) -> text tower

@@ -1,4 +1,5 @@
-"""Image loading and preprocessing of the inference protocol (reference §4, paper §3.1).
+"""Image loading and preprocessing of the inference protocol (docs/official-implementation.md §4,
+paper §3.1).
 
 `load_image` turns a path, PIL image or array into an (H, W, 3) uint8 RGB array: any PIL mode,
 EXIF orientation applied, first frame of an animation, alpha discarded (the colour under it is

@@ -7,7 +7,8 @@ Label i (1-based, in file order) is value i of the label map; 0 is background. D
 refused, compared as the tokenizer sees them (whitespace collapsed, case-folded), because two
 labels with the same prompt could never both win. A Python list is taken literally: no comments,
 and a blank item is an error. Prompts fill the template, by default the single official template
-"a photo of a {}." (reference §4); other braces in the template are kept as they are.
+"a photo of a {}." (docs/official-implementation.md §4); other braces in the template are kept as
+they are.
 """
 
 from __future__ import annotations

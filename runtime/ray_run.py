@@ -45,6 +45,7 @@ from segclip.runtime.runner import (
     _write_result,
     collect_images,
     plan_outputs,
+    result_extra,
     sanitize_name,
 )
 
@@ -111,8 +112,7 @@ class SegmentActor:
     """One `Segmenter` in a Ray actor: segments a batch of rows and writes their files.
 
     `config` (engine, names, out, max_pixels, segmenter_options) is a class attribute of the
-    subclass `_actor_class` makes, so the actor needs no constructor arguments in the object
-    store (Ray can then restart a lost actor).
+    subclass `_actor_class` makes, so it travels to the workers with the class.
     """
 
     config: dict[str, Any] = {}
@@ -134,8 +134,7 @@ class SegmentActor:
         except RuntimeSegclipError as e:  # reported by the driver as the run's one-line error
             self.fatal = " ".join(str(e).split())
             return
-        self.extra = {"bundle": str(self.segmenter.bundle.root),
-                      "backend_info": self.segmenter.backend_info}
+        self.extra = result_extra(self.segmenter)
         self.scratch = tempfile.mkdtemp(prefix="segclip-ray-") if self.remote_out else ""
 
     def _make_out(self) -> None:
@@ -203,14 +202,20 @@ def _actor_class(config: dict[str, Any]) -> type[SegmentActor]:
 
 
 def _actor_resources(ray: Any, device: str, num_cpus: float, num_gpus: float | None,
-                     ) -> tuple[float, float]:
+                     local: bool) -> tuple[float, float]:
+    """CPUs and GPUs per actor; on a local Ray, refuse GPUs it does not have (the pool would
+    wait for them forever; a cluster's autoscaler may still add GPU nodes)."""
     if num_cpus <= 0:
         raise RuntimeSegclipError(f"--num-cpus must be > 0 per actor, got {num_cpus}")
+    present = ray.cluster_resources().get("GPU", 0)
     if num_gpus is None:  # one GPU per actor where the device asks for or allows one
-        has_gpu = ray.cluster_resources().get("GPU", 0) > 0
-        num_gpus = 1.0 if device == "cuda" or (device == "auto" and has_gpu) else 0.0
+        num_gpus = 1.0 if device == "cuda" or (device == "auto" and present > 0) else 0.0
     if num_gpus < 0:
         raise RuntimeSegclipError(f"--num-gpus must be >= 0 per actor, got {num_gpus}")
+    if local and num_gpus > present:
+        raise RuntimeSegclipError(
+            f"each actor asks for {num_gpus:g} GPU(s) but this machine's Ray has {present:g}; "
+            f"pass --device cpu, or --num-gpus 0 to run --device cuda without Ray GPU slots")
     return float(num_cpus), float(num_gpus)
 
 
@@ -261,7 +266,7 @@ def run_images_ray(engine: str | os.PathLike, labels: str | os.PathLike | Sequen
         return report
     local_cpus = max(os.cpu_count() or 1, int(np.ceil(actors * num_cpus)))
     with ray_session(address, num_cpus=None if address else local_cpus) as ray:
-        cpus, gpus = _actor_resources(ray, device, num_cpus, num_gpus)
+        cpus, gpus = _actor_resources(ray, device, num_cpus, num_gpus, local=not address)
         options = {"device": device, "threshold": threshold,
                    "threads": max(1, int(cpus)), **segmenter_options}
         _run_pool(ray, todo, planned, engine, names, out, max_pixels, options, actors,

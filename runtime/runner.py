@@ -176,6 +176,12 @@ def _write_result(item: RunItem, image: Any, result: Any, extra: dict[str, Any])
         raise OutputError(f"cannot write {item.json}: {e}") from e
 
 
+def result_extra(segmenter: Any) -> dict[str, Any]:
+    """What every result JSON records about the run besides the result (`segclip-run --ray`
+    writes the same)."""
+    return {"bundle": str(segmenter.bundle.root), "backend_info": segmenter.backend_info}
+
+
 def _discard(item: RunItem) -> None:
     for path in item.files:
         try:
@@ -224,7 +230,7 @@ def run_images(engine: str | os.PathLike, labels: str | os.PathLike | Sequence[s
                 out.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise OutputError(f"cannot create the output folder {out}: {e}") from e
-        extra = {"bundle": str(segmenter.bundle.root), "backend_info": segmenter.backend_info}
+        extra = result_extra(segmenter)
         for item in tqdm(todo, desc="segclip-run", unit="img", disable=not progress,
                          file=sys.stderr):
             try:

@@ -5,7 +5,8 @@ API").
     result = seg.segment("cat.jpg", ["cat", "dog"])
     result.label_map  # (H, W) uint16: 0 background, i = labels[i - 1]
 
-Per image (paper §2.5, reference §4, docs/architecture.md "Label assignment"): load
+Per image (paper §2.5, docs/official-implementation.md §4, docs/architecture.md "Label
+assignment"): load
 (`images.load_image`),
 resize the short side to S and cut S x S windows (`images.preprocess`), run the windows through
 the image tower in batches of at most `batch_size` (a TensorRT profile's maximum caps it),

@@ -1,4 +1,5 @@
-"""Slide-window geometry of the official inference protocol (reference §4, docs/architecture.md).
+"""Slide-window geometry of the official inference protocol (docs/official-implementation.md §4,
+docs/architecture.md).
 
 The image is resized so that its short side is S (keep ratio), then covered with S x S windows at
 stride S; the last window along each axis is shifted back to end at the border, so it overlaps

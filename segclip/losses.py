@@ -1,4 +1,5 @@
-"""Training losses (paper §2.1, §2.3, §2.4; reference §2): contrastive, MAE, superpixel KL.
+"""Training losses (paper §2.1, §2.3, §2.4; docs/official-implementation.md §2): contrastive, MAE,
+superpixel KL.
 
 Legend: B batch, N patches, L regions, D embedding width.
 """

@@ -1,9 +1,9 @@
-"""ONNX Runtime backend (runtime-practice.md "ONNX Runtime"): CPU, or CUDA with IO binding.
+"""ONNX Runtime backend (docs/runtime-practice.md "ONNX Runtime"): CPU, or CUDA with IO binding.
 
 The provider actually used is read back from each session and reported; when CUDA was asked for
 and a session came up without the CUDA execution provider (missing CUDA libraries, driver
 mismatch), construction fails with `EngineError` instead of running on the CPU unnoticed
-(runtime-practice.md feature 6, onnxruntime#23372). `variant` picks the image graph: fp32
+(docs/runtime-practice.md feature 6, onnxruntime#23372). `variant` picks the image graph: fp32
 `image.onnx`, fp16 `image.fp16.onnx` or int8 `image.int8.onnx` (dynamic int8, a CPU format).
 `InferenceSession.run` is thread-safe, so one backend serves every thread.
 Legend: B windows, S window side, T labels, C context length.

@@ -1,4 +1,5 @@
-"""TensorRT backend (runtime-practice.md "TensorRT 10.x"): the bundle's `image.plan`/`text.plan`.
+"""TensorRT backend (docs/runtime-practice.md "TensorRT 10.x"): the bundle's
+`image.plan`/`text.plan`.
 
 TensorRT 10 name-based I/O: `deserialize_cuda_engine`, `num_io_tensors` / `get_tensor_name` /
 `get_tensor_mode` / `get_tensor_shape`, then per call `set_input_shape`, `set_tensor_address`

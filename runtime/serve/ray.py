@@ -261,10 +261,14 @@ def serve_forever(options: RayServeOptions, host: str = "127.0.0.1", port: int =
     then delete the application and, for a local Ray, stop it."""
     local_cpus = max(os.cpu_count() or 1, int(-(-options.replicas * options.num_cpus // 1)))
     application = build_app(options)
-    with ray_session(address, num_cpus=None if address else local_cpus,
-                     num_gpus=None if address else int(options.num_gpus * options.replicas)
-                     ) as ray:
+    with ray_session(address, num_cpus=None if address else local_cpus) as ray:
         from ray import serve
+
+        present = ray.cluster_resources().get("GPU", 0)
+        if not address and options.num_gpus * options.replicas > present:
+            raise ServeConfigError(  # the replicas would wait for GPUs forever
+                f"{options.replicas} replica(s) x {options.num_gpus:g} GPU(s) asked for, but this "
+                f"machine's Ray has {present:g} GPU(s); lower --num-gpus or --replicas")
 
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # one line below says where
         serve.start(http_options={"host": host, "port": port})
@@ -272,8 +276,8 @@ def serve_forever(options: RayServeOptions, host: str = "127.0.0.1", port: int =
             try:
                 serve.run(application, name=options.name, route_prefix="/")
             except (RuntimeError, ray.exceptions.RayError) as e:
-                raise ServeConfigError(f"the deployment failed: {' '.join(str(e).split())[:600]}"
-                                       ) from e
+                raise ServeConfigError(f"the deployment failed: {_replica_error(serve, options)}"
+                                       f"{' '.join(str(e).split())[:300]}") from e
             print(f"segclip-serve on Ray: http://{host}:{port} ({options.replicas} replica(s))",
                   file=sys.stderr, flush=True)
             if ready is not None:
@@ -281,6 +285,17 @@ def serve_forever(options: RayServeOptions, host: str = "127.0.0.1", port: int =
             _wait_for_signal()
         finally:
             serve.shutdown()
+
+
+def _replica_error(serve: Any, options: RayServeOptions) -> str:
+    """The last line of a replica's start-up error (e.g. the device it could not use), or ""."""
+    try:
+        application = serve.status().applications.get(options.name)
+        message = application.deployments["SegclipReplica"].message if application else ""
+    except (KeyError, AttributeError, RuntimeError):
+        return ""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    return f"{lines[-1][:500]}; " if lines else ""
 
 
 def _wait_for_signal() -> None:

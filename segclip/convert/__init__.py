@@ -1,6 +1,7 @@
 """Weight conversion: official SegCLIP `segclip.bin` <-> segclip checkpoints, and CLIP init.
 
-- `load_official` / `convert_official`: the released checkpoint (reference §5) into a SegCLIP
+- `load_official` / `convert_official`: the released checkpoint (docs/official-implementation.md
+§5) into a SegCLIP
   whose config is inferred from the tensor shapes; `export_official` / `official_state_dict`: back.
 - `load_clip_weights`: an OpenAI (TorchScript or state dict) or open_clip ViT file into a SegCLIP
   (`segclip-train --clip-weights`); `convert_clip`: the same into a fresh checkpoint.

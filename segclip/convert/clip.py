@@ -1,4 +1,5 @@
-"""Initialise SegCLIP from CLIP weights (paper §3.1; reference §3 "Initialisation").
+"""Initialise SegCLIP from CLIP weights (paper §3.1; docs/official-implementation.md §3
+"Initialisation").
 
 An OpenAI CLIP file (TorchScript archive or plain state dict) or an open_clip state dict uses the
 same names as segclip's towers: segclip keeps open_clip's `resblocks` numbering, so blocks

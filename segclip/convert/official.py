@@ -1,4 +1,5 @@
-"""The released official SegCLIP checkpoint (`segclip.bin`) <-> segclip (reference §5).
+"""The released official SegCLIP checkpoint (`segclip.bin`) <-> segclip
+(docs/official-implementation.md §5).
 
 In the spirit of timm's `checkpoint_filter_fn`: a table of name pairs maps every official key onto
 a segclip parameter, the `ModelConfig` is inferred from the tensor shapes (so any size converts,

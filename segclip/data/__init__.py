@@ -1,4 +1,4 @@
-"""Data for training and evaluation (reference §3 "Data").
+"""Data for training and evaluation (docs/official-implementation.md §3 "Data").
 
 Modules: `synth` (the synthetic shapes world), `captions` (its caption templates), `sources`
 (pair file formats), `superpixels` (Felzenszwalb cache and patch labels), `transforms`

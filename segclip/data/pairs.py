@@ -1,4 +1,5 @@
-"""The training dataset of image–caption pairs with superpixel patch labels (reference §3 "Data").
+"""The training dataset of image–caption pairs with superpixel patch labels
+(docs/official-implementation.md §3 "Data").
 
 A sample is the reference's: `RandomResizedCrop(S, scale=(0.5, 1), ratio=(3/4, 4/3), bicubic)`,
 CLIP mean/std, the caption tokenised with `open_clip.tokenize(caption, context_length=32)`, and

@@ -1,4 +1,5 @@
-"""Image–caption pair sources (reference §3 "Data"): the formats `segclip-train --data` accepts.
+"""Image–caption pair sources (docs/official-implementation.md §3 "Data"): the formats
+`segclip-train --data` accepts.
 
 - `pairs.jsonl`: one `{"image": PATH, "caption": TEXT}` per line (the synthetic world's format);
 - CSV/TSV with a header naming columns `image` and `caption` (open_clip's `filepath`/`title` too);

@@ -1,4 +1,5 @@
-"""Felzenszwalb superpixels and superpixel patch labels (paper §2.2 superpixel loss; reference §3).
+"""Felzenszwalb superpixels and superpixel patch labels (paper §2.2 superpixel loss;
+docs/official-implementation.md §3).
 
 Segmentation: scikit-image `felzenszwalb` with the reference parameters scale=224, sigma=0.9,
 min_size=224, which the official code applies to images stored at short side 224. Scaling rule

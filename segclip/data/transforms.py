@@ -1,4 +1,5 @@
-"""Training augmentation (reference §3 "Data"): RandomResizedCrop only, then CLIP mean/std.
+"""Training augmentation (docs/official-implementation.md §3 "Data"): RandomResizedCrop only, then
+CLIP mean/std.
 
 `RandomResizedCrop(S, scale=(0.5, 1), ratio=(3/4, 4/3), bicubic)` as in torchvision, but drawn
 from a numpy `Generator` (so a sample's crop is a function of seed, epoch and index) and

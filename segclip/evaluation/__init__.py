@@ -1,4 +1,5 @@
-"""Zero-shot segmentation evaluation (reference §4): the official protocol, mIoU, diagnostics."""
+"""Zero-shot segmentation evaluation (docs/official-implementation.md §4): the official protocol,
+mIoU, diagnostics."""
 
 from segclip.evaluation.datasets import PRESETS, ClassList, VocDataset, load_classes
 from segclip.evaluation.evaluate import EvalResult, evaluate, evaluate_model

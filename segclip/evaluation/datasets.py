@@ -1,4 +1,5 @@
-"""Evaluation datasets (reference §4): class-list presets and the VOC folder layout.
+"""Evaluation datasets (docs/official-implementation.md §4): class-list presets and the VOC folder
+layout.
 
 Presets carry the official class names (index 1..K; 0 is background, 255 ignore) and background
 thresholds: VOC 0.80, Pascal Context 0.25, COCO-Object 0.65. Any VOC-layout folder works with a

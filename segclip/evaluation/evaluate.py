@@ -1,4 +1,5 @@
-"""Zero-shot evaluation of a checkpoint or a bundle on a VOC-layout set (reference §4).
+"""Zero-shot evaluation of a checkpoint or a bundle on a VOC-layout set
+(docs/official-implementation.md §4).
 
 `evaluate(...)` is what `segclip-eval` calls; `evaluate_model(...)` works on a model in memory
 (training uses it for validation). mIoU and IoUs are fractions in [0, 1]; NaN IoUs (class absent

@@ -1,4 +1,5 @@
-"""Segmentation metrics (reference §4): confusion matrix, per-class IoU and mIoU as mmseg does.
+"""Segmentation metrics (docs/official-implementation.md §4): confusion matrix, per-class IoU and
+mIoU as mmseg does.
 
 IoU_c = TP / (TP + FP + FN), NaN when class c is absent from both ground truth and prediction;
 mIoU is the mean over the classes that are not NaN. Pixels labelled 255 are ignored.

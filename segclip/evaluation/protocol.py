@@ -1,4 +1,5 @@
-"""The official zero-shot segmentation protocol in PyTorch (reference §4; docs/architecture.md
+"""The official zero-shot segmentation protocol in PyTorch (docs/official-implementation.md §4;
+docs/architecture.md
 "Label
 assignment").
 

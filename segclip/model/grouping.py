@@ -1,4 +1,4 @@
-"""Semantic group module (paper §2.2, eqs. 1-3; reference §1.2).
+"""Semantic group module (paper §2.2, eqs. 1-3; docs/official-implementation.md §1.2).
 
 Learnable centers attend to the patches through cross-attention layers (keys = [centers; patches]),
 each patch is assigned to one center by a softmax over centers of unscaled mapping logits (Gumbel

@@ -1,4 +1,5 @@
-"""Reconstruction branch (paper §2.3, eq. 4; reference §2.3), used in training only.
+"""Reconstruction branch (paper §2.3, eq. 4; docs/official-implementation.md §2.3), used in
+training only.
 
 A second pass of the image encoder sees only the visible patches (mask ratio 0.75). The paper's
 reconstruction layer turns the region tokens back into per-patch tokens through a learned mix of

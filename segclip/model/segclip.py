@@ -1,7 +1,8 @@
 """SegCLIP: a CLIP dual encoder whose image tower groups patches into regions (paper §2.1).
 
 The towers are open_clip's (`VisionTransformer`, text transformer), with OpenAI/open_clip
-parameter names, so CLIP weights load directly. Image path (reference §1.1): patches (CLS
+parameter names, so CLIP weights load directly. Image path (docs/official-implementation.md §1.1):
+patches (CLS
 dropped) -> blocks [0, group_layer) -> semantic group -> remaining blocks on the L region tokens
 -> global token = max over regions -> `ln_post` -> `proj`.
 

@@ -1,4 +1,5 @@
-"""Training configuration (reference §3; paper §3.2): a frozen `TrainConfig` and named recipes.
+"""Training configuration (docs/official-implementation.md §3; paper §3.2): a frozen `TrainConfig`
+and named recipes.
 
 The defaults are the reference recipe: AdamW (0.9, 0.98, eps 1e-6), decoupled weight decay 0.05
 on everything but biases, lr 4e-3 for the new modules and 4e-6 for the CLIP-initialised blocks

@@ -1,4 +1,5 @@
-"""Step-indexed data order for training (reference §3 "Data"; DistributedSampler-like sharding).
+"""Step-indexed data order for training (docs/official-implementation.md §3 "Data";
+DistributedSampler-like sharding).
 
 A batch is a pure function of (seed, step, rank): the run is split into phases (an optional
 curriculum phase over single-object images, then the main phase over every pair); each phase

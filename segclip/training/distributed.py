@@ -1,4 +1,4 @@
-"""Multi-process training through `torchrun` (reference §3: DDP over 8 GPUs).
+"""Multi-process training through `torchrun` (docs/official-implementation.md §3: DDP over 8 GPUs).
 
 `torchrun --nproc_per_node N -m segclip.cli.train ...` sets RANK / WORLD_SIZE / LOCAL_RANK; the
 process group uses NCCL on CUDA and gloo on CPU. The contrastive loss all-gathers features with

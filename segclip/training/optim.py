@@ -1,4 +1,5 @@
-"""Optimizer, parameter groups and schedules of the reference recipe (reference §3).
+"""Optimizer, parameter groups and schedules of the reference recipe
+(docs/official-implementation.md §3).
 
 Groups (CLIP-initialised training, `lower_lr_scope="reference"`): `lower_lr` for the image
 blocks before the semantic group, the text transformer, `ln_final`, `text_projection` and

@@ -1,4 +1,5 @@
-"""The training loop (paper §3.2; reference §3): `train(...)` is what `segclip-train` calls.
+"""The training loop (paper §3.2; docs/official-implementation.md §3): `train(...)` is what
+`segclip-train` calls.
 
 Per step: set the lr (warmup + half-cosine) and the Gumbel temperature, forward the weighted
 losses (optionally under autocast), skip the step on every rank if any rank's loss is not finite,

@@ -33,7 +33,8 @@ def _soft_assign(rng: np.random.Generator, *shape: int) -> np.ndarray:
 
 
 def official_scores(regions, global_, text, scale, top_k):
-    """Literal torch transcription of the official region scores (reference §4 steps 3-5)."""
+    """Literal torch transcription of the official region scores (docs/official-implementation.md
+    §4 steps 3-5)."""
     torch = pytest.importorskip("torch")
     regions, global_, text = (torch.from_numpy(a) for a in (regions, global_, text))
     logits = scale * regions @ text.T  # (L, T)

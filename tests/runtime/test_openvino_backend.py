@@ -194,3 +194,10 @@ def test_info_reports_threads_streams_and_files(ov_bundle: Path) -> None:
     backend.close()
     with pytest.raises(EngineError, match="closed"):
         backend.run_image(_windows(1))
+
+
+def test_the_int8_ir_path_opens_the_openvino_variant(ov_bundle: Path) -> None:
+    backend = create_backend(ov_bundle / "image.ov-int8.xml", "auto", threads=1)
+    assert isinstance(backend, OpenVinoBackend) and backend.info()["variant"] == "ov-int8"
+    with pytest.raises(BackendUnavailableError, match="runs on the CPU"):
+        create_backend(ov_bundle / "image.ov-int8.xml", "cuda")

@@ -212,3 +212,11 @@ def test_user_errors_are_one_line_before_ray_starts(tiny_bundle: Path, photos: d
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], lines
     assert not (tmp_path / "o").exists()
+
+
+def test_gpus_this_ray_lacks_are_refused(local_ray, tiny_bundle: Path, photos: dict[str, Path],
+                                         tmp_path: Path) -> None:
+    result = run_cli(tiny_bundle, photos, tmp_path / "out", "--num-gpus", "1")
+    assert result.exit_code == 2, result.output
+    assert "asks for 1 GPU(s) but this machine's Ray has 0" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -12,7 +12,8 @@ from segclip.errors import ConfigError, SegclipError
 
 
 def test_vit_b16_preset_is_the_paper_model() -> None:
-    # reference §1.1-1.3 and §2.3: ViT-B/16 at 224, group after block 10, 8 centers, 2 cross layers,
+    # docs/official-implementation.md §1.1-1.3 and §2.3: ViT-B/16 at 224, group after block 10, 8
+    # centers, 2 cross layers,
     # Gumbel tau 0.9, unscaled mapping, 512-d space, CLIP text tower, CLS + 48 visible patches.
     c = ModelConfig.preset("vit-b16")
     expected = dict(image_size=224, patch_size=16, vision_width=768, vision_layers=12,

@@ -1,6 +1,7 @@
 """segclip.convert: official SegCLIP layout <-> segclip, CLIP initialisation, safe reading.
 
-The official layout is written out here from the reference's key list (reference §5), and the
+The official layout is written out here from the reference's key list
+(docs/official-implementation.md §5), and the
 official inference forward literally from its description (§1.1-1.3), in plain torch ops on the
 official-layout dict, so neither depends on the converter's name table or on our modules.
 """
@@ -38,7 +39,8 @@ from segclip.model import SegCLIP
 TOL = 1e-5
 
 
-# ---- the official layout (reference §5) ------------------------------------------------------
+# ---- the official layout (docs/official-implementation.md §5)
+# ------------------------------------------------------
 @dataclass(frozen=True)
 class Sizes:
     width: int = 768
@@ -143,7 +145,7 @@ def official_state(s: Sizes, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def test_vit_b16_layout_matches_the_reference() -> None:
     shapes = official_layout(VIT_B16)
-    # shapes listed in reference §5
+    # shapes listed in docs/official-implementation.md §5
     sem = "clip.visual.transformer.semantic_layer2."
     listed = {"clip.positional_embedding": (77, 512), "clip.text_projection": (512, 512),
               "clip.logit_scale": (), "clip.token_embedding.weight": (49408, 512),
@@ -166,7 +168,7 @@ def test_vit_b16_layout_matches_the_reference() -> None:
               "vis_mae_decoder.decoder_blocks.0.mlp.fc1.weight": (1536, 384),
               "vis_mae_decoder.decoder_pred.weight": (768, 384)}
     assert {k: shapes[k] for k in listed} == listed
-    # parameter counts of reference §5 (in millions, one decimal)
+    # parameter counts of docs/official-implementation.md §5 (in millions, one decimal)
     count = lambda pred: sum(math.prod(v) for k, v in shapes.items() if pred(k)) / 1e6
     trunk = "clip.visual.transformer."
     visual = lambda k: k.startswith("clip.visual.") and not k.startswith(
@@ -312,7 +314,8 @@ def test_text_heads_must_be_given_when_width_is_not_a_multiple_of_64(
     assert infer_official_config(tiny_official, text_heads=2).text_heads == 2
 
 
-# ---- the official inference forward, literally from reference §1 ---------------------------
+# ---- the official inference forward, literally from docs/official-implementation.md §1
+# ---------------------------
 def _layer_norm(x: torch.Tensor, sd: dict, p: str) -> torch.Tensor:
     mean = x.mean(-1, keepdim=True)
     var = ((x - mean) ** 2).mean(-1, keepdim=True)

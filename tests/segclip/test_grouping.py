@@ -1,6 +1,7 @@
 """Semantic group module (segclip/model/grouping.py) against a literal per-sample reference.
 
-The reference below is written from the paper (§2.2, eqs. 1-3) and reference §1.2 with plain
+The reference below is written from the paper (§2.2, eqs. 1-3) and docs/official-implementation.md
+§1.2 with plain
 matmuls and loops: per-head attention from the block's `in_proj` weights, hand-written LayerNorm,
 the grouped 1x1 convs as block-diagonal matrices, softmax over centers, argmax, the exact mean over
 assigned patches, LN -> Linear -> exact GELU -> Linear -> QuickGELU. Parity is checked in float64
@@ -185,7 +186,8 @@ def test_semantic_group_matches_reference_float32(group: SemanticGroup,
 
 def test_grouped_projection_is_block_diagonal_linear(group: SemanticGroup,
                                                      patches: torch.Tensor) -> None:
-    # reference §5: k_conv/v_conv == a bias-free block-diagonal Linear with G diagonal blocks.
+    # docs/official-implementation.md §5: k_conv/v_conv == a bias-free block-diagonal Linear with G
+    # diagonal blocks.
     weight = block_diagonal(group.key_proj.conv.weight, HEADS)  # (D, D)
     assert (weight.reshape(HEADS, WIDTH // HEADS, HEADS, WIDTH // HEADS)
             .permute(0, 2, 1, 3)[~torch.eye(HEADS, dtype=torch.bool)] == 0).all()

@@ -1,8 +1,11 @@
 """Training losses (segclip/losses.py) against literal loop references, values and gradients.
 
-References: contrastive loss = paper eqs. 8-10 (reference §2.1); reconstruction = MSE
-averaged per patch, then over masked patches only (reference §2.3 step 8); superpixel KL = paper
-eqs. 5-6 with the official normalisation (reference §2.2: softmax of the one-hot / averaged rows
+References: contrastive loss = paper eqs. 8-10 (docs/official-implementation.md §2.1);
+reconstruction = MSE
+averaged per patch, then over masked patches only (docs/official-implementation.md §2.3 step 8);
+superpixel KL = paper
+eqs. 5-6 with the official normalisation (docs/official-implementation.md §2.2: softmax of the
+one-hot / averaged rows
 as logits, symmetric, halved, divided by B*N*L, nothing detached). All checks run in float64 with
 rtol 1e-10.
 

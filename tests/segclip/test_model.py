@@ -1,6 +1,7 @@
 """SegCLIP composition (segclip/model/segclip.py, reconstruction.py) and the vit-b16 preset.
 
-The image path is checked against a per-sample composition written from reference §1.1 (CLS
+The image path is checked against a per-sample composition written from
+docs/official-implementation.md §1.1 (CLS
 dropped, blocks [0, g) on patches, the group, blocks [g, end) on the L region tokens only, global
 = max over regions, ln_post, proj). The vit-b16 preset is checked against open_clip's ViT-B-16
 (QuickGELU): same parameter names and shapes, and the same text features once its weights load.
@@ -53,7 +54,8 @@ def test_eval_encode_image_is_deterministic(tiny_model: SegCLIP, images: torch.T
 
 
 def test_batch_independence(tiny_model: SegCLIP, images: torch.Tensor) -> None:
-    # The official cross-attention mixes samples when B > 1 (reference §6); ours must not.
+    # The official cross-attention mixes samples when B > 1 (docs/official-implementation.md §6);
+    # ours must not.
     with torch.no_grad():
         batched = fields(tiny_model.encode_image(images))
         for i in range(images.shape[0]):
@@ -64,7 +66,8 @@ def test_batch_independence(tiny_model: SegCLIP, images: torch.Tensor) -> None:
 
 
 def reference_encode_image(model: SegCLIP, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """One (3, S, S) image through the tower as reference §1.1 describes it."""
+    """One (3, S, S) image through the tower as docs/official-implementation.md §1.1 describes
+    it."""
     visual, c = model.visual, model.config
     blocks = visual.transformer.resblocks
     grid = F.conv2d(image.unsqueeze(0), visual.conv1.weight, stride=c.patch_size)  # (1, D, h, w)
@@ -95,7 +98,8 @@ def test_encode_image_matches_reference_composition(tiny_model: SegCLIP,
 
 
 def test_cls_token_is_dead(tiny_model: SegCLIP, images: torch.Tensor) -> None:
-    # reference §1.1: CLS is dropped, so class_embedding and positional row 0 never matter.
+    # docs/official-implementation.md §1.1: CLS is dropped, so class_embedding and positional row 0
+    # never matter.
     with torch.no_grad():
         before = fields(tiny_model.encode_image(images))
         tiny_model.visual.class_embedding.add_(5.0)
@@ -120,7 +124,8 @@ def test_other_input_sizes_interpolate_positions(tiny_model: SegCLIP,
 
 # ---- encode_text ------------------------------------------------------------------------------
 def test_encode_text_is_padding_invariant(tiny_model: SegCLIP, make_tokens: Callable) -> None:
-    # reference §1.3: causal mask + EOT pooling, so context 32 (training) and 77 (eval) agree.
+    # docs/official-implementation.md §1.3: causal mask + EOT pooling, so context 32 (training) and
+    # 77 (eval) agree.
     with torch.no_grad():
         short = tiny_model.encode_text(make_tokens(5, 32))
         long = tiny_model.encode_text(make_tokens(5, 77))

@@ -167,7 +167,7 @@ async def _engine_scenario(bundle: str) -> dict:
     from segclip.runtime.serve.settings import ServeSettings
 
     images = [np.full((48, 64, 3), 40 * i, np.uint8) for i in range(3)]
-    settings = ServeSettings(max_batch=4, max_wait_ms=2000, queue=3)  # 3 jobs: not full
+    settings = ServeSettings(max_batch=4, max_wait_ms=1000, queue=3)  # 3 jobs: not full
     engine = RayEngine(Segmenter(bundle, device="cpu", threads=1), settings, serve)
     await engine.start()
     try:
