@@ -14,11 +14,11 @@ from typing import Annotated
 
 import typer
 
-from segclip.cli._exit import fail
+from segclip.cli._exit import fail, new_app
 from segclip.errors import SegclipError
 
-app = typer.Typer(help="Export SegCLIP checkpoints as bundles (ONNX, TensorRT).",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app = new_app(help="Export SegCLIP checkpoints as bundles (ONNX, TensorRT).",
+                  no_args_is_help=True)
 
 
 def _progress(message: str) -> None:
@@ -27,7 +27,8 @@ def _progress(message: str) -> None:
 
 @app.command("onnx")
 def onnx_command(
-    checkpoint: Annotated[Path, typer.Argument(help="segclip checkpoint (ckpt.pt)")],
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT",
+        help="segclip checkpoint (ckpt.pt)")],
     out: Annotated[Path | None, typer.Option("--out", help="bundle directory "
                                              "[default: 'bundle' beside the checkpoint]")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset, 17..20")] = 17,
@@ -50,8 +51,9 @@ def onnx_command(
 
 @app.command("verify")
 def verify_command(
-    bundle: Annotated[Path, typer.Argument(help="bundle directory")],
-    checkpoint: Annotated[Path, typer.Argument(help="the checkpoint it was exported from")],
+    bundle: Annotated[Path, typer.Argument(metavar="BUNDLE", help="bundle directory")],
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT",
+        help="the checkpoint it was exported from")],
 ) -> None:
     """Re-run the ONNX Runtime vs PyTorch parity check of every graph in BUNDLE."""
     try:
@@ -70,8 +72,10 @@ def verify_command(
 
 @app.command("openvino")
 def openvino_command(
-    bundle: Annotated[Path, typer.Argument(help="bundle directory (from segclip-export onnx)")],
-    checkpoint: Annotated[Path, typer.Argument(help="the checkpoint it was exported from")],
+    bundle: Annotated[Path, typer.Argument(metavar="BUNDLE",
+        help="bundle directory (from segclip-export onnx)")],
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT",
+        help="the checkpoint it was exported from")],
     int8: Annotated[bool, typer.Option("--int8", help="also write image.ov-int8.xml/.bin "
                                        "(NNCF post-training int8)")] = False,
     calibration: Annotated[Path | None, typer.Option(
@@ -94,7 +98,8 @@ def openvino_command(
 
 @app.command("trt")
 def trt_command(
-    bundle: Annotated[Path, typer.Argument(help="bundle directory (from segclip-export onnx)")],
+    bundle: Annotated[Path, typer.Argument(metavar="BUNDLE",
+        help="bundle directory (from segclip-export onnx)")],
     fp16: Annotated[bool, typer.Option("--fp16", help="fp16 image engine")] = False,
     batch: Annotated[str, typer.Option(help="image batch profile MIN:OPT:MAX")] = "1:4:16",
     labels: Annotated[str, typer.Option(help="text label-count profile MIN:OPT:MAX")]

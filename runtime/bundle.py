@@ -2,11 +2,11 @@
 files.
 
 `Bundle.open(path)` takes a bundle directory, or a path to one of its engines (`image.onnx`,
-`image.fp16.onnx`, `image.int8.onnx`, `image.plan`: the file then also says which engine to run)
-or to `segclip.json`. It checks the manifest's format and version, the model facts and
-preprocessing the runtime relies on, and that every listed file is present with its recorded
-size. Checks that need a loaded graph run where the graph is loaded: every backend passes the
-graph's or engine's I/O metadata to `Bundle.check_io`, and the TensorRT backend passes the
+`image.fp16.onnx`, `image.int8.onnx`, `image.ov-int8.xml`, `image.plan`: the file then also says
+which engine to run) or to `segclip.json`. It checks the manifest's format and version, the model
+facts and preprocessing the runtime relies on, and that every listed file is present with its
+recorded size. Checks that need a loaded graph run where the graph is loaded: every backend passes
+the graph's or engine's I/O metadata to `Bundle.check_io`, and the TensorRT backend passes the
 TensorRT version and GPU it found to `Bundle.check_engine`, which refuses an engine built for
 another one (docs/runtime-practice.md pitfall 1). Every error is a `BundleError` (or `EngineError`)
 naming the file and the fix.
@@ -273,7 +273,8 @@ class Bundle:
     files: dict[str, Path]  # manifest "files" key -> path
     engines: dict[str, EngineInfo]  # tower -> TensorRT engine
     requested_engine: str | None = None  # "onnx" / "tensorrt" when opened through that file
-    requested_variant: str | None = None  # "fp32" / "fp16" / "int8" when opened through it
+    requested_variant: str | None = None  # "fp32" / "fp16" / "int8" / "ov-int8" when opened
+    # through that file
 
     @classmethod
     def open(cls, path: str | os.PathLike | Bundle) -> Bundle:

@@ -13,25 +13,16 @@ exits with code 2 after the summary. Thin typer wrapper over `runner.run_images`
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from segclip.cli._exit import fail
+from segclip.cli._exit import fail, new_app
 from segclip.errors import SegclipError
 
 DEFAULT_MAX_PIXELS = 100_000_000  # = segclip.runtime.images.DEFAULT_MAX_PIXELS (kept import-free)
-
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
-                  help="Segment images with a segclip bundle (ONNX Runtime or TensorRT).")
-
-
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
+app = new_app(help="Segment images with a segclip bundle (ONNX Runtime or TensorRT).")
 
 
 @app.command()
@@ -47,8 +38,9 @@ def main(
         "--threshold", help="Background threshold in 0..1 (default: the bundle's).")] = None,
     out: Annotated[str, typer.Option(
         "--out", help="Output folder (with --ray also a URI).")] = "out/run",
-    device: Annotated[Device, typer.Option(
-        "--device", help="auto: TensorRT, else ONNX Runtime CUDA, else CPU.")] = Device.auto,
+    device: Annotated[str, typer.Option(
+        "--device", help="auto|cpu|cuda|cuda:N; auto: TensorRT, else ONNX Runtime CUDA, "
+        "else CPU.")] = "auto",
     skip_existing: Annotated[bool, typer.Option(
         "--skip-existing", help="Skip images whose .png, _overlay.jpg and .json all exist.")
     ] = False,
@@ -75,7 +67,7 @@ def main(
     try:
         from segclip.runtime.runner import run_images
 
-        common = {"threshold": threshold, "device": device.value,
+        common = {"threshold": threshold, "device": device,
                   "skip_existing": skip_existing, "max_pixels": max_pixels, "progress": progress}
         if ray:
             from segclip.runtime.ray_run import run_images_ray

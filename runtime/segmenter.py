@@ -40,6 +40,7 @@ from segclip.runtime.errors import EngineError, LabelFileError
 from segclip.runtime.images import DEFAULT_MAX_PIXELS, ImageSource, PreparedImage, load_image
 from segclip.runtime.images import preprocess as preprocess_image
 from segclip.runtime.labels import LabelSource, load_labels
+from segclip.runtime.scores import label_scores, region_label_probability
 
 BACKGROUND = "background"  # name of label-map value 0 in counts, fractions and legends
 DEFAULT_BATCH_SIZE = 16  # windows per image-engine call
@@ -57,6 +58,11 @@ class SegmentResult:
     timings: dict[str, float]  # milliseconds: preprocess, image, text, assign, total
     backend: str  # "onnxruntime/CPUExecutionProvider", "tensorrt/TensorRT 10.9 (...)", ...
     threshold: float  # background threshold used
+    # label -> mean probability over its pixels (0.0 for a label with no pixels); empty where
+    # the labelling ran on the GPU (TensorRT path)
+    scores: dict[str, float] = field(default_factory=dict)
+    # (H, W) float32 max label probability of each pixel's region, with Segmenter(confidence=True)
+    confidence: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -70,6 +76,7 @@ class SegmentResult:
                 "values": {BACKGROUND: 0, **{name: i + 1 for i, name in enumerate(self.labels)}},
                 "counts": dict(self.counts), "fractions": dict(self.fractions),
                 "threshold": self.threshold,
+                "scores": {k: round(v, 6) for k, v in self.scores.items()},
                 "timings_ms": {k: round(v, 3) for k, v in self.timings.items()},
                 "backend": self.backend}
 
@@ -90,7 +97,7 @@ class Segmenter:
                  threshold: float | None = None, top_k: int | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int | None = None,
                  cache_dir: str | os.PathLike | None = None, variant: str | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, confidence: bool = False) -> None:
         """Open the bundle and load its engines (all checks happen here, not mid-run).
 
         Args:
@@ -106,6 +113,8 @@ class Segmenter:
                 "fp16", "int8"; OpenVINO "ov-f32", "ov-bf16", "ov-int8"; "auto" (on the CPU
                 the fastest that passed parity, by a probe; `backend_info["auto"]` says which).
             threads: intra-op threads of ONNX Runtime / OpenVINO.
+            confidence: also return each pixel's max label probability
+                (`SegmentResult.confidence`).
         """
         from segclip.runtime.tokenizer import Tokenizer
 
@@ -118,6 +127,7 @@ class Segmenter:
         if max_pixels < 1:
             raise EngineError(f"max_pixels must be >= 1, got {max_pixels}")
         self.max_pixels = int(max_pixels)
+        self.confidence = bool(confidence)
         tokenizer = Tokenizer.from_file(self.bundle.tokenizer_path)
         self._backend = create_backend(self.bundle, device, variant=variant, threads=threads)
         limit = self._backend.max_batch
@@ -167,9 +177,10 @@ class Segmenter:
     def _labeler(self, text: np.ndarray, threshold: float):
         scale, top_k = self.bundle.logit_scale, self.top_k
 
-        def label(global_: np.ndarray, regions: np.ndarray) -> np.ndarray:
-            return region_labels(region_scores(regions, global_, text, scale, top_k),
-                                 threshold)  # (n, L) uint16
+        def label(global_: np.ndarray, regions: np.ndarray, with_scores: bool = False):
+            scores = region_scores(regions, global_, text, scale, top_k)  # (n, L, T)
+            table = region_labels(scores, threshold)  # (n, L) uint16
+            return (table, scores) if with_scores else table
         return label
 
     def _prepare(self, image: ImageSource) -> tuple[np.ndarray, PreparedImage]:
@@ -178,11 +189,14 @@ class Segmenter:
         return array, preprocess_image(array, bundle.image_size, bundle.mean, bundle.std)
 
     def _finish(self, label_map: np.ndarray, labels: tuple[str, ...], timings: dict[str, float],
-                threshold: float) -> SegmentResult:
+                threshold: float, extras: tuple[np.ndarray | None, np.ndarray | None],
+                ) -> SegmentResult:
         counts, fractions = _summary(label_map, labels)
+        means, confidence = extras
+        scores = {} if means is None else {name: float(v) for name, v in zip(labels, means)}
         return SegmentResult(label_map=label_map, labels=labels, counts=counts,
                              fractions=fractions, timings=timings, backend=self.backend,
-                             threshold=threshold)
+                             threshold=threshold, scores=scores, confidence=confidence)
 
     def segment(self, image: ImageSource, labels: LabelSource,
                 threshold: float | None = None) -> SegmentResult:
@@ -228,14 +242,15 @@ class Segmenter:
             prep_ms.append((time.perf_counter() - began) * 1e3)
         if getattr(self._backend, "device_labeling", False):
             maps, stage_ms = self._label_on_device(prepared, labelers)
+            extras = [(None, None)] * len(maps)
         else:
-            maps, stage_ms = self._label_on_host(prepared, labelers)
+            maps, stage_ms, extras = self._label_on_host(prepared, labelers, label_sets)
         results = []
         for index, (label_map, (image_ms, assign_ms)) in enumerate(zip(maps, stage_ms)):
             timings = {"preprocess": prep_ms[index], "image": image_ms,
                        "text": text_ms[index], "assign": assign_ms}
             results.append(self._finish(label_map, label_sets[index], timings,
-                                        thresholds[index]))
+                                        thresholds[index], extras[index]))
         elapsed = (time.perf_counter() - start) * 1e3
         for result in results:  # one image: wall time; several: the image's own stages
             own = sum(result.timings[k] for k in STAGES[:-1])
@@ -243,24 +258,31 @@ class Segmenter:
         return results
 
     def _label_on_host(self, prepared: list[PreparedImage], labelers: Sequence[Any],
-                       ) -> tuple[list[np.ndarray], list[tuple[float, float]]]:
+                       label_sets: Sequence[tuple[str, ...]]) -> tuple[
+                           list[np.ndarray], list[tuple[float, float]], list[tuple[Any, Any]]]:
         began = time.perf_counter()
         counts = [p.windows.shape[0] for p in prepared]
         windows = prepared[0].windows if len(prepared) == 1 else np.concatenate(
             [p.windows for p in prepared])  # (sum n, 3, S, S)
         outputs = self._encode(windows)
         image_ms = (time.perf_counter() - began) * 1e3
-        maps, stages, first = [], [], 0
-        for item, count, labeler in zip(prepared, counts, labelers):
+        maps, stages, extras, first = [], [], [], 0
+        for item, count, labeler, names in zip(prepared, counts, labelers, label_sets):
             began = time.perf_counter()
             part = slice(first, first + count)
-            table = labeler(outputs.global_[part], outputs.regions[part])  # (n, L)
-            maps.append(assign_windows(outputs.assign[part], table, item.resized_hw,
-                                       item.window, item.original_hw))
+            table, scores = labeler(outputs.global_[part], outputs.regions[part],
+                                    with_scores=True)  # (n, L), (n, L, T)
+            label_map = assign_windows(outputs.assign[part], table, item.resized_hw,
+                                       item.window, item.original_hw)  # (H, W)
+            extras.append(label_scores(
+                outputs.assign[part], region_label_probability(scores, table), label_map,
+                len(names), item.resized_hw, item.window,
+                scores.max(axis=-1) if self.confidence else None))
+            maps.append(label_map)
             stages.append((image_ms * count / windows.shape[0],
                            (time.perf_counter() - began) * 1e3))
             first += count
-        return maps, stages
+        return maps, stages, extras
 
     def _label_on_device(self, prepared: list[PreparedImage], labelers: Sequence[Any],
                          ) -> tuple[list[np.ndarray], list[tuple[float, float]]]:

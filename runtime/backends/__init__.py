@@ -25,6 +25,7 @@ from segclip.runtime.backends._auto import choose_cpu_backend
 from segclip.runtime.backends.base import Backend, ImageOutputs
 from segclip.runtime.backends.onnxruntime import GPU_INSTALL, OnnxRuntimeBackend, cuda_available
 from segclip.runtime.bundle import Bundle, EngineFacts
+from segclip.runtime.devices import parse_device
 from segclip.runtime.errors import BackendUnavailableError, EngineError
 from segclip.runtime.variants import AUTO, VARIANTS, is_openvino
 
@@ -80,7 +81,7 @@ def create_backend(bundle: str | os.PathLike | Bundle, device: str = "auto",
             the device's default. None: the file the bundle was opened through, else TensorRT's
             engine where it runs, else fp32. An explicit variant is run or refused, never
             swapped.
-        threads: ONNX Runtime intra-op threads (None: its default).
+        threads: intra-op threads of ONNX Runtime / OpenVINO (None: their default).
     Raises:
         BackendUnavailableError: the device asked for cannot be used here (install command).
         EngineError: a TensorRT engine from another TensorRT/GPU, or a CUDA session that fell
@@ -88,8 +89,8 @@ def create_backend(bundle: str | os.PathLike | Bundle, device: str = "auto",
         BundleError: the bundle is broken or lacks the requested graph.
     """
     bundle = Bundle.open(bundle)
-    if device not in DEVICES:
-        raise EngineError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    device, index = parse_device(device)  # auto | cpu | cuda | cuda:N
+    device_id = device_id if index is None else index
     requested = bundle.requested_engine
     variant = variant or bundle.requested_variant
     if variant is not None and variant not in VARIANTS:

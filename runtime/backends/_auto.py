@@ -21,7 +21,7 @@ import numpy as np
 
 from segclip.runtime._atomic import atomic_write_bytes
 from segclip.runtime.bundle import Bundle
-from segclip.runtime.errors import RuntimeSegclipError
+from segclip.runtime.errors import EngineError, RuntimeSegclipError
 from segclip.runtime.variants import CPU_VARIANTS, is_openvino, parity_status
 
 PROBE_RUNS = 3
@@ -137,7 +137,9 @@ def choose_cpu_backend(bundle: Bundle, threads: int | None = None,
     if cached is not None and cached["chosen"] in names:
         backend = _load(bundle, cached["chosen"], threads, cache_dir)
         return AutoBackend(backend, {**cached, "cached": True})
-    loaded, probe_ms = {}, {}
+    loaded: dict[str, Any] = {}
+    probe_ms: dict[str, float] = {}
+    chosen = None
     try:
         for variant in names:
             try:
@@ -146,10 +148,13 @@ def choose_cpu_backend(bundle: Bundle, threads: int | None = None,
                 skipped[variant] = str(e).split(";")[0]
                 continue
             probe_ms[variant] = round(_probe_ms(loaded[variant], bundle.image_size), 3)
+        if not probe_ms:
+            raise EngineError("variant auto: no CPU variant of the bundle could be loaded ("
+                              + "; ".join(f"{k}: {v}" for k, v in skipped.items()) + ")")
         chosen = min(probe_ms, key=probe_ms.__getitem__)
     finally:
         for variant, backend in loaded.items():
-            if not probe_ms or variant != min(probe_ms, key=probe_ms.__getitem__):
+            if variant != chosen:  # the losers, or every backend when probing failed
                 backend.close()
     entry = {"chosen": chosen, "probe_ms": probe_ms, "skipped": skipped,
              "probe": f"median of {PROBE_RUNS} calls at batch 1 after a warm-up"}

@@ -20,14 +20,12 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from segclip.cli._exit import fail
+from segclip.cli._exit import fail, new_app
 from segclip.errors import MissingDependencyError, SegclipError
 
 DEFAULT_MAX_PIXELS = 100_000_000  # = segclip.runtime.images.DEFAULT_MAX_PIXELS (kept import-free)
 ENV_CONFIG = "SEGCLIP_SERVE_CONFIG"  # JSON of the options, read by each --workers process
-
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
-                  help="Serve a segclip bundle over HTTP (batching, metrics, a demo page).")
+app = new_app(help="Serve a segclip bundle over HTTP (batching, metrics, a demo page).")
 
 
 class Device(str, Enum):

@@ -1,6 +1,16 @@
-"""The exit of every segclip command on a user error: one line on stderr, exit code 2."""
+"""The exit of every segclip command on a user error: one line on stderr, exit code 2.
+
+`new_app` builds every command's typer app the same way (docs/architecture.md "Command
+contracts"): plain help text, so "[default: …]" and bracketed words survive (rich markup would eat
+them); no completion installer; no pretty tracebacks (a traceback means a bug, and stays plain);
+and a missing optional dependency (torch in a runtime-only install, OpenVINO, Ray, the service's
+libraries) becomes one line naming the extra to install, with exit code 2.
+"""
 
 from __future__ import annotations
+
+import sys
+from typing import Any
 
 import typer
 
@@ -8,8 +18,53 @@ from segclip.errors import SegclipError, one_line
 
 USER_ERROR_EXIT = 2
 
+# top-level module -> the extra that installs it
+EXTRA_OF_MODULE = {
+    "torch": "train", "torchvision": "train", "open_clip": "train", "onnx": "train",
+    "onnxscript": "train", "skimage": "train",
+    "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve", "multipart": "serve",
+    "python_multipart": "serve", "pycocotools": "serve",
+    "openvino": "openvino", "nncf": "openvino",
+    "ray": "ray",
+    "tensorrt": "gpu", "cuda": "gpu", "pycuda": "gpu",
+}
+EXTRA_PURPOSE = {"train": "the training extra", "serve": "the serving extra",
+                 "openvino": "the OpenVINO extra", "ray": "the Ray extra", "gpu": "the GPU extra"}
+
 
 def fail(error: SegclipError) -> typer.Exit:
     """Print `error` as one line on stderr; return the Exit to raise (`raise fail(e) from None`)."""
     typer.echo(one_line(error), err=True)
     return typer.Exit(code=USER_ERROR_EXIT)
+
+
+def missing_extra_message(error: ModuleNotFoundError) -> str | None:
+    """The one-line hint for a missing optional module, or None when `error` is no such module."""
+    top = (error.name or "").split(".")[0]
+    extra = EXTRA_OF_MODULE.get(top)
+    if extra is None:
+        return None
+    return (f"error: this command needs {EXTRA_PURPOSE[extra]} ({top} is not installed): "
+            f"pip install 'segclip[{extra}]'")
+
+
+class SegclipApp(typer.Typer):
+    """A typer app whose commands turn a missing optional dependency into a one-line error."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except ModuleNotFoundError as error:
+            message = missing_extra_message(error)
+            if message is None:
+                raise
+            print(message, file=sys.stderr)
+            sys.exit(USER_ERROR_EXIT)
+
+
+def new_app(**kwargs: Any) -> SegclipApp:
+    """A command's typer app: plain help with its defaults shown, no pretty tracebacks."""
+    options: dict[str, Any] = {"add_completion": False, "pretty_exceptions_enable": False,
+                               "rich_markup_mode": None}
+    options.update(kwargs)
+    return SegclipApp(**options)

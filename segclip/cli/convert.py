@@ -7,16 +7,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from segclip.cli._exit import fail
+from segclip.cli._exit import fail, new_app
 from segclip.errors import SegclipError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = new_app(no_args_is_help=True,
                   help="Convert official SegCLIP / CLIP weights to and from segclip checkpoints.")
 
 
 @app.command()
 def official(
-    source: Annotated[Path, typer.Argument(help="The official segclip.bin (a state dict).")],
+    source: Annotated[Path, typer.Argument(metavar="SOURCE",
+        help="The official segclip.bin (a state dict).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The segclip checkpoint to write.")],
     text_heads: Annotated[
         Optional[int], typer.Option("--text-heads", help="Text heads [default: width/64].")
@@ -42,7 +43,8 @@ def official(
 
 @app.command()
 def clip(
-    source: Annotated[Path, typer.Argument(help="OpenAI CLIP (.pt, TorchScript or state dict) "
+    source: Annotated[Path, typer.Argument(metavar="SOURCE",
+        help="OpenAI CLIP (.pt, TorchScript or state dict) "
                                                 "or open_clip state dict.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The segclip checkpoint to write.")],
     config: Annotated[str, typer.Option("--config", help="Model preset.")] = "vit-b16",
@@ -61,7 +63,8 @@ def clip(
 
 @app.command("to-official")
 def to_official(
-    checkpoint: Annotated[Path, typer.Argument(help="A segclip checkpoint (ckpt.pt).")],
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT",
+        help="A segclip checkpoint (ckpt.pt).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The official-layout file to write.")],
 ) -> None:
     """Write a checkpoint as a plain state dict with the official SegCLIP names."""

@@ -7,16 +7,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from segclip.cli._exit import fail
+from segclip.cli._exit import fail, new_app
 from segclip.errors import SegclipError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = new_app(no_args_is_help=True,
                   help="Prepare training and evaluation data.")
 
 
 @app.command()
 def synth(
-    out: Annotated[Path, typer.Argument(help="New (or empty) output folder.")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="New (or empty) output folder.")],
     num: Annotated[int, typer.Option("--num", help="Training image-caption pairs.")] = 1000,
     seed: Annotated[int, typer.Option("--seed", help="Seed: same seed, same bytes.")] = 0,
     size: Annotated[int, typer.Option("--size", help="Image side in pixels.")] = 64,
@@ -42,7 +42,8 @@ def synth(
 
 @app.command()
 def superpixels(
-    data: Annotated[Path, typer.Argument(help="pairs.jsonl, CSV/TSV, COCO JSON, .tar or folder.")],
+    data: Annotated[Path, typer.Argument(metavar="DATA",
+        help="pairs.jsonl, CSV/TSV, COCO JSON, .tar or folder.")],
     image_root: Annotated[
         Optional[Path], typer.Option("--image-root", help="Folder relative image paths start at.")
     ] = None,

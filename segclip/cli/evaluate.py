@@ -17,15 +17,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from segclip.cli._exit import fail
+from segclip.cli._exit import fail, new_app
 from segclip.errors import SegclipError
 
-app = typer.Typer(add_completion=False, help="Evaluate zero-shot segmentation (mIoU).")
+app = new_app(help="Evaluate zero-shot segmentation (mIoU).")
 
 
 @app.command()
 def main(
-    model: Annotated[Path, typer.Argument(help="ckpt.pt or a bundle directory.")],
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help="ckpt.pt or a bundle directory.")],
     data: Annotated[Path, typer.Option("--data", help="VOC-layout folder.")],
     classes: Annotated[Optional[str], typer.Option(
         "--classes", help="classes.txt or a preset (voc, context, coco-object).")] = None,
@@ -38,7 +38,9 @@ def main(
                      ] = "val",
     diagnostics: Annotated[bool, typer.Option(
         "--diagnostics", help="Synthetic-world diagnostics (oracle, naming, centers).")] = False,
-    device: Annotated[str, typer.Option("--device")] = "cpu",
+    device: Annotated[str, typer.Option(
+        "--device", help="auto|cpu|cuda|cuda:N (a checkpoint runs in PyTorch, a bundle in the "
+        "runtime).")] = "cpu",
     limit: Annotated[Optional[int], typer.Option("--limit", help="First N images only.")
                      ] = None,
     progress: Annotated[bool, typer.Option("--progress/--quiet")] = True,

@@ -16,10 +16,10 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from segclip.cli._exit import fail
+from segclip.cli._exit import fail, new_app
 from segclip.errors import ConfigError, SegclipError
 
-app = typer.Typer(add_completion=False, help="Train SegCLIP (paper §3.2).")
+app = new_app(help="Train SegCLIP (paper §3.2).")
 
 
 def parse_assignments(items: list[str], option: str) -> dict[str, Any]:
@@ -87,7 +87,8 @@ def main(
         "--set", help="TrainConfig FIELD=VALUE; repeatable.")] = None,
     model_sets: Annotated[Optional[list[str]], typer.Option(
         "--model-set", help="ModelConfig FIELD=VALUE; repeatable.")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N.")
+    device: Annotated[Optional[str], typer.Option(
+        "--device", help="auto|cpu|cuda|cuda:N [default: auto: a GPU when present].")
                       ] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads.")
                        ] = None,

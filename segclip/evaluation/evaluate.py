@@ -140,12 +140,12 @@ def evaluate(path: str | Path, data: str | Path, classes: str | Path | None = No
         chosen = threshold if threshold is not None else class_list.threshold
         result = evaluate_bundle(path, dataset, class_list.names, chosen, device, limit, progress)
     else:
-        import torch
-
         from segclip.checkpoint import model_from_payload, read_checkpoint
+        from segclip.devices import torch_device
 
+        target = torch_device(device)
         payload = read_checkpoint(path)
-        model = model_from_payload(payload, path).to(torch.device(device)).eval()
+        model = model_from_payload(payload, path).to(target).eval()
         chosen = _pick_threshold(threshold, class_list, payload.get("meta", {}))
         held_out = find_held_out(data) if diagnostics else ()
         held_out = tuple(n for n in held_out if n in class_list.names)

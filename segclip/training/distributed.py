@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from segclip.devices import torch_device
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -32,15 +34,12 @@ class DistInfo:
 
 
 def init_distributed(device: str | None = None) -> DistInfo:
-    """Join the torchrun process group if WORLD_SIZE > 1; pick the device (cuda:LOCAL_RANK when
-    CUDA is available and `device` is not "cpu")."""
+    """Join the torchrun process group if WORLD_SIZE > 1; pick the device (`torch_device`:
+    `auto` is cuda:LOCAL_RANK when a GPU is present, else the CPU; an absent device is an error)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and device != "cpu"
-    target = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    if device not in (None, "cpu", "cuda"):
-        target = torch.device(device)
+    target = torch_device(device, default_index=local_rank)
     if target.type == "cuda":
         torch.cuda.set_device(target)
     if world_size > 1 and not dist.is_initialized():

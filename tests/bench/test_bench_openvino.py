@@ -21,10 +21,14 @@ BACKENDS = ["ort-cpu", "torch-bf16", "ov-f32", "ov-bf16", "ov-int8"]
 @pytest.fixture(scope="module")
 def ov_run(bench_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("latency-ov") / "latency.json"
-    run_script("latency.py", "--bundle", str(bench_bundle), "--checkpoint",
-               str(bench_bundle.parent / "ckpt.pt"), "--backends", ",".join(BACKENDS),
-               "--batch", "1", "--labels", "1", "--e2e", "cpu:ov-f32", "--e2e-size", "70x90",
-               "--peak-size", "128", "--interleave", "--no-isolate", "--out", str(out), *QUICK)
+    with pytest.MonkeyPatch.context() as patch:  # the e2e Segmenter's compile cache
+        patch.setenv("SEGCLIP_CACHE_DIR", str(out.parent / "cache"))
+        run_script("latency.py", "--bundle", str(bench_bundle), "--checkpoint",
+                   str(bench_bundle.parent / "ckpt.pt"), "--backends", ",".join(BACKENDS),
+                   "--batch", "1", "--labels", "1", "--e2e", "cpu:ov-f32", "--e2e-size",
+                   "70x90", "--peak-size", "128", "--interleave", "--no-isolate", "--out",
+                   str(out), *QUICK)
+    assert list((out.parent / "cache" / "openvino").iterdir()), "cache not used"
     return json.loads(out.read_text())
 
 

@@ -201,3 +201,18 @@ def test_the_int8_ir_path_opens_the_openvino_variant(ov_bundle: Path) -> None:
     assert isinstance(backend, OpenVinoBackend) and backend.info()["variant"] == "ov-int8"
     with pytest.raises(BackendUnavailableError, match="runs on the CPU"):
         create_backend(ov_bundle / "image.ov-int8.xml", "cuda")
+
+
+def test_auto_fails_in_one_line_when_nothing_loads(ov_bundle: Path, tmp_path: Path) -> None:
+    root = tmp_path / "broken"
+    shutil.copytree(ov_bundle, root)
+    manifest = json.loads((root / "segclip.json").read_text())
+    (root / "image.onnx").write_bytes(b"not a graph")  # same name, so Bundle.open passes
+    manifest["file_bytes"].pop("image.onnx")
+    for variant in ("ov-bf16", "ov-int8"):
+        manifest["openvino"]["variants"][variant]["parity"]["passed"] = False
+    manifest["files"].pop("image_fp16")
+    (root / "segclip.json").write_text(json.dumps(manifest))
+    with pytest.raises(EngineError, match=r"variant auto: no CPU variant .*fp32: ONNX Runtime "
+                                          r"cannot load"):
+        create_backend(root, "cpu", variant="auto", threads=1)
