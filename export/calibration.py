@@ -1,4 +1,5 @@
-"""Calibration windows for post-training quantisation (docs/openvino.md "ov-int8").
+"""Calibration windows for post-training quantisation (docs/architecture.md "Bundle contract";
+docs/openvino.md "ov-int8").
 
 Default: scenes of the synthetic shapes world (segclip/data/synth.py, evaluation split) rendered
 at the window side S. Or a user folder of images, preprocessed exactly as the runtime does

@@ -1,4 +1,5 @@
-"""OpenVINO variants of a bundle (docs/openvino.md): NNCF int8 IR and per-variant parity.
+"""OpenVINO variants of a bundle (docs/architecture.md "Bundle contract"; docs/openvino.md): NNCF
+int8 IR and per-variant parity.
 
 `export_openvino(BUNDLE, CKPT, int8=..., calibration=...)` (`segclip-export openvino`):
 - with `int8`: NNCF post-training quantisation of `image.onnx` -> `image.ov-int8.xml/.bin`,

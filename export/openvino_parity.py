@@ -1,5 +1,5 @@
-"""Parity of the OpenVINO variants with PyTorch eager (docs/openvino.md "Parity"; the cases and
-thresholds of export/parity.py).
+"""Parity of the OpenVINO variants with PyTorch eager (docs/architecture.md "Bundle contract";
+docs/openvino.md "Parity"; the cases and thresholds of export/parity.py).
 
 Each variant runs through the runtime's own `OpenVinoBackend` (so the figures are those of what
 `Segmenter(variant=...)` runs) on export/parity.py's image cases: max |OpenVINO - torch| of

@@ -1,4 +1,5 @@
-"""Ray connection for `segclip-run --ray` and `segclip-serve --ray` (docs/ray.md).
+"""Ray connection for `segclip-run --ray` and `segclip-serve --ray` (docs/ray.md; the optional
+import rule of docs/architecture.md "Layout and packages").
 
 `import_ray()` imports Ray or raises a one-line error with the install command. `ray_session`
 joins the cluster at `address` (e.g. "auto", "ray://head:10001", "10.0.0.5:6379"), or, without

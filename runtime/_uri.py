@@ -1,4 +1,5 @@
-"""Inputs and outputs given as URIs for `segclip-run --ray` (docs/ray.md "Inputs and outputs").
+"""Inputs and outputs given as URIs for `segclip-run --ray` (docs/ray.md "Offline"; the command
+contract of docs/architecture.md "Command contracts").
 
 A URI is anything with a scheme that pyarrow's filesystems open (`s3://bucket/dir`,
 `gs://bucket/dir`, `hdfs://...`, `file:///abs/dir`); a plain path stays a local path. Folders are

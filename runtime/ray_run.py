@@ -1,4 +1,5 @@
-"""`segclip-run --ray`: the batch run of `segclip.runtime.runner` on Ray Data (docs/ray.md).
+"""`segclip-run --ray`: the batch run of `segclip.runtime.runner` on Ray Data (docs/ray.md,
+docs/architecture.md "Command contracts").
 
 The driver plans the run exactly as `run_images` does (same inputs, output names, skip-existing
 test, summary) and checks what it can before Ray starts: the inputs exist, the labels file is
@@ -46,7 +47,9 @@ from segclip.runtime.runner import (
     collect_images,
     plan_outputs,
     result_extra,
+    run_record,
     sanitize_name,
+    up_to_date,
 )
 
 DEFAULT_BATCH_IMAGES = 4  # images per actor call: small, so the pool stays balanced
@@ -101,11 +104,19 @@ def plan_sources(inputs: Sequence[str | os.PathLike], out: str) -> list[tuple[st
     return planned
 
 
-def _complete(out: str, name: str) -> bool:
+def _complete(out: str, name: str, record: dict[str, Any]) -> bool:
+    """The triple exists and its JSON was made for `record`."""
     if _uri.is_uri(out):
-        return _uri.all_exist([_uri.join(out, f"{name}{s}")
-                               for s in (".png", OVERLAY_SUFFIX, ".json")])
-    return RunItem(Path(), name, Path(out)).complete()
+        files = [_uri.join(out, f"{name}{s}") for s in (".png", OVERLAY_SUFFIX, ".json")]
+        if not _uri.all_exist(files):
+            return False
+        try:
+            payload = json.loads(_uri.read_bytes(files[-1]))
+        except (ImageError, ValueError):
+            return False
+        return isinstance(payload, dict) and payload.get("run") == record
+    item = RunItem(Path(), name, Path(out))
+    return item.complete() and up_to_date(item.json, record)
 
 
 class SegmentActor:
@@ -134,7 +145,8 @@ class SegmentActor:
         except RuntimeSegclipError as e:  # reported by the driver as the run's one-line error
             self.fatal = " ".join(str(e).split())
             return
-        self.extra = result_extra(self.segmenter)
+        self.extra = result_extra(self.segmenter, run_record(
+            engine, self.names, self.segmenter.threshold, segmenter_options.get("variant")))
         self.scratch = tempfile.mkdtemp(prefix="segclip-ray-") if self.remote_out else ""
 
     def _make_out(self) -> None:
@@ -209,7 +221,7 @@ def _actor_resources(ray: Any, device: str, num_cpus: float, num_gpus: float | N
         raise RuntimeSegclipError(f"--num-cpus must be > 0 per actor, got {num_cpus}")
     present = ray.cluster_resources().get("GPU", 0)
     if num_gpus is None:  # one GPU per actor where the device asks for or allows one
-        num_gpus = 1.0 if device == "cuda" or (device == "auto" and present > 0) else 0.0
+        num_gpus = 1.0 if device.startswith("cuda") or (device == "auto" and present > 0) else 0.0
     if num_gpus < 0:
         raise RuntimeSegclipError(f"--num-gpus must be >= 0 per actor, got {num_gpus}")
     if local and num_gpus > present:
@@ -259,8 +271,9 @@ def run_images_ray(engine: str | os.PathLike, labels: str | os.PathLike | Sequen
     Bundle.open(engine)  # a missing or corrupt bundle fails here, before Ray starts
     report = RunReport(out=Path(out) if not _uri.is_uri(out) else out,  # type: ignore[arg-type]
                        total=len(planned))
+    record = run_record(engine, names, threshold, segmenter_options.get("variant"))
     todo = [(i, s, n) for i, (s, n) in enumerate(planned)
-            if not (skip_existing and _complete(out, n))]
+            if not (skip_existing and _complete(out, n, record))]
     report.skipped = len(planned) - len(todo)
     if not todo:
         return report

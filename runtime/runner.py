@@ -34,13 +34,14 @@ from typing import Any
 from segclip.runtime._atomic import atomic_write_bytes
 from segclip.runtime.errors import ImageError, OutputError, RuntimeSegclipError
 from segclip.runtime.images import DEFAULT_MAX_PIXELS, load_image
-from segclip.runtime.visualize import write_label_png, write_overlay_jpeg
+from segclip.runtime.visualize import write_confidence_png, write_label_png, write_overlay_jpeg
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 OVERLAY_SUFFIX = "_overlay.jpg"
+CONFIDENCE_SUFFIX = "_conf.png"  # with --confidence: 8-bit max label probability per pixel
 MAX_NAME = 120  # characters of an output name (before the collision suffix)
 MAX_NAME_BYTES = 200  # its UTF-8 bytes: "_overlay.jpg", "_N" and the temp file's affixes fit 255
-STAGE_KEYS = ("load", "preprocess", "image", "text", "assign", "total")
+STAGE_KEYS = ("load", "preprocess", "image", "text", "assign", "write")
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,10 @@ class RunItem:
         return self.out / f"{self.name}.json"
 
     @property
+    def confidence_png(self) -> Path:
+        return self.out / f"{self.name}{CONFIDENCE_SUFFIX}"
+
+    @property
     def files(self) -> tuple[Path, Path, Path]:
         return self.label_png, self.overlay, self.json  # the JSON last: it marks completion
 
@@ -84,7 +89,7 @@ class RunReport:
     failed: list[tuple[Path, str]] = field(default_factory=list)
     timings: list[dict[str, float]] = field(default_factory=list)
 
-    def mean_ms(self, stage: str = "total") -> float:
+    def mean_ms(self, stage: str = "wall") -> float:
         values = [t.get(stage, 0.0) for t in self.timings]
         return sum(values) / len(values) if values else float("nan")
 
@@ -92,7 +97,7 @@ class RunReport:
         """The summary printed at the end of `segclip-run`."""
         info = self.backend_info
         engine = ", ".join(str(info[k]) for k in ("image", "variant", "precision") if k in info)
-        header = ["images", "done", "skipped", "failed", "mean ms", "backend"]
+        header = ["images", "done", "skipped", "failed", "wall ms/img", "backend"]
         row = [str(self.total), str(self.processed), str(self.skipped), str(len(self.failed)),
                f"{self.mean_ms():.1f}" if self.timings else "-",
                f"{self.backend} ({engine})" if engine else self.backend]
@@ -101,7 +106,7 @@ class RunReport:
                  for line in (header, row)]
         if self.timings:
             stages = " | ".join(f"{k} {self.mean_ms(k):.1f}" for k in STAGE_KEYS)
-            lines.append(f"mean ms per image: {stages}")
+            lines.append(f"mean ms per image: wall {self.mean_ms():.1f} = {stages} (+ rest)")
         lines.append(f"results in {self.out}")
         return "\n".join(lines)
 
@@ -167,8 +172,12 @@ def plan_outputs(images: Sequence[Path], out: Path) -> list[RunItem]:
 def _write_result(item: RunItem, image: Any, result: Any, extra: dict[str, Any]) -> None:
     write_label_png(item.label_png, result.label_map, len(result.labels))
     write_overlay_jpeg(item.overlay, image, result.label_map, result.labels)
+    files = {"label_map": item.label_png.name, "overlay": item.overlay.name}
+    if result.confidence is not None:
+        write_confidence_png(item.confidence_png, result.confidence)
+        files["confidence"] = item.confidence_png.name
     payload = {"image": str(item.source), "name": item.name, **result.to_json(), **extra,
-               "files": {"label_map": item.label_png.name, "overlay": item.overlay.name}}
+               "files": files}
     try:
         atomic_write_bytes(item.json, (json.dumps(payload, indent=2, ensure_ascii=False)
                                        + "\n").encode("utf-8"))
@@ -176,14 +185,61 @@ def _write_result(item: RunItem, image: Any, result: Any, extra: dict[str, Any])
         raise OutputError(f"cannot write {item.json}: {e}") from e
 
 
-def result_extra(segmenter: Any) -> dict[str, Any]:
+def run_record(engine: str | os.PathLike, names: Sequence[str], threshold: float | None,
+               variant: str | None) -> dict[str, Any]:
+    """What a result depends on: the bundle (folder and manifest hash), the labels, the
+    threshold and the image-graph variant asked for. Every result JSON holds it under "run", and
+    `skip_existing` keeps only results whose record is this one."""
+    from segclip.runtime.bundle import Bundle
+
+    bundle = Bundle.open(engine)
+    chosen = bundle.threshold if threshold is None else float(threshold)
+    return {"bundle": str(Path(bundle.root).resolve()),
+            "manifest_sha256": bundle.manifest_sha256,
+            "labels": list(names), "threshold": chosen,
+            "variant": variant or bundle.requested_variant or "default"}
+
+
+def up_to_date(json_path: Path, record: dict[str, Any]) -> bool:
+    """True when `json_path` exists and was written for exactly `record` (`run_record`)."""
+    try:
+        payload = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(payload, dict) and payload.get("run") == record
+
+
+def result_extra(segmenter: Any, record: dict[str, Any] | None = None) -> dict[str, Any]:
     """What every result JSON records about the run besides the result (`segclip-run --ray`
     writes the same)."""
-    return {"bundle": str(segmenter.bundle.root), "backend_info": segmenter.backend_info}
+    extra = {"bundle": str(segmenter.bundle.root), "backend_info": segmenter.backend_info}
+    if record is not None:
+        extra["run"] = record
+    return extra
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an OUT that cannot be created, before any image runs (nothing is created)."""
+    ancestor = out
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"cannot create the output folder {out}: {ancestor} is not a "
+                          f"directory; choose another --out")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot create the output folder {out}: {ancestor} is not "
+                          f"writable; choose another --out")
+
+
+def _make_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create the output folder {out}: {e}") from e
 
 
 def _discard(item: RunItem) -> None:
-    for path in item.files:
+    for path in (*item.files, item.confidence_png):
         try:
             path.unlink(missing_ok=True)
         except OSError:
@@ -223,14 +279,15 @@ def run_images(engine: str | os.PathLike, labels: str | os.PathLike | Sequence[s
         report = RunReport(out=out, backend=segmenter.backend,
                            backend_info=segmenter.backend_info, total=len(images))
         items = plan_outputs(images, out)
-        todo = [item for item in items if not (skip_existing and item.complete())]
+        record = run_record(segmenter.bundle, names, segmenter.threshold,
+                            segmenter_options.get("variant"))
+        todo = [item for item in items
+                if not (skip_existing and item.complete() and up_to_date(item.json, record))]
         report.skipped = len(items) - len(todo)
+        suffix = " (skipped; continuing)" if len(todo) > 1 else ""
         if todo:
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise OutputError(f"cannot create the output folder {out}: {e}") from e
-        extra = result_extra(segmenter)
+            _check_out(out)
+        extra = result_extra(segmenter, record)
         for item in tqdm(todo, desc="segclip-run", unit="img", disable=not progress,
                          file=sys.stderr):
             try:
@@ -240,16 +297,20 @@ def run_images(engine: str | os.PathLike, labels: str | os.PathLike | Sequence[s
                 result = segmenter.segment(image, names)
                 result.timings["load"] = load_ms
                 result.timings["total"] += load_ms
+                written = time.perf_counter()
+                _make_out(out)  # only once an image succeeded: a failed lone image writes nothing
                 _write_result(item, image, result, extra)
+                done = time.perf_counter()
             except RuntimeSegclipError as e:
                 _discard(item)
                 message = " ".join(str(e).split())
                 report.failed.append((item.source, message))
                 where = "" if str(item.source) in message else f"{item.source}: "
-                say(f"error: {where}{message} (skipped; continuing)")
+                say(f"error: {where}{message}{suffix}")
                 continue
             report.processed += 1
-            report.timings.append(dict(result.timings))
+            report.timings.append({**result.timings, "write": (done - written) * 1e3,
+                                   "wall": (done - began) * 1e3})
         return report
     finally:
         segmenter.close()

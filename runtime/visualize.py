@@ -76,6 +76,12 @@ def write_label_png(path: str | os.PathLike, label_map: np.ndarray, num_labels: 
     return _save(path, label_map_image(label_map, num_labels), format="PNG", optimize=False)
 
 
+def write_confidence_png(path: str | os.PathLike, confidence: np.ndarray) -> Path:
+    """Write an (H, W) probability map in [0, 1] as an 8-bit greyscale PNG (255 = 1.0)."""
+    levels = np.rint(np.clip(confidence, 0.0, 1.0) * 255.0).astype(np.uint8)  # (H, W)
+    return _save(path, Image.fromarray(levels, mode="L"), format="PNG", optimize=False)
+
+
 def _font(size: int) -> ImageFont.ImageFont:
     try:
         return ImageFont.load_default(size=size)

@@ -1,5 +1,6 @@
-"""`variant="auto"` on the CPU (runtime/variants.py, docs/openvino.md "Choosing a variant"): the
-fastest image-graph variant whose parity passed on this bundle, by a short measured probe.
+"""`variant="auto"` on the CPU (docs/architecture.md "Bundle contract"; docs/openvino.md
+"Choosing a variant"): the fastest image-graph variant whose parity passed on this bundle, by a
+short measured probe.
 
 Candidates: fp32 (the reference graph, always), and every other CPU variant whose parity record
 passed and that can run here (its file in the bundle, OpenVINO installed, bf16 on the CPU). Each

@@ -1,5 +1,5 @@
-"""OpenVINO CPU backend (docs/openvino.md): the bundle's graphs compiled with an explicit
-inference precision.
+"""OpenVINO CPU backend (docs/architecture.md "Backends"; docs/openvino.md): the bundle's graphs
+compiled with an explicit inference precision.
 
 Variants (runtime/variants.py): "ov-f32" and "ov-bf16" compile `image.onnx` with
 `INFERENCE_PRECISION_HINT` f32 / bf16 (OpenVINO picks bf16 by itself on CPUs that have it, so

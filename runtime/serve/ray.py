@@ -1,4 +1,5 @@
-"""`segclip-serve --ray`: the same app on Ray Serve replicas (docs/ray.md "Online").
+"""`segclip-serve --ray`: the same app on Ray Serve replicas (docs/ray.md "Online",
+docs/architecture.md "Python API").
 
 Each replica of the deployment holds one `Segmenter` and serves the app of `app.build_app`
 (same routes, problem+json errors, page, metrics) through `@serve.ingress`; the app is built in
