@@ -69,6 +69,11 @@ def save_checkpoint(model: SegCLIP, path: str | os.PathLike, meta: dict[str, Any
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load and validate the checkpoint dict (weights only; nothing is unpickled)."""
     path = Path(path)
+    if path.is_dir():
+        if (path / "segclip.json").is_file():
+            raise CheckpointError(f"{path} is a bundle folder; this command takes a checkpoint "
+                                  f"(ckpt.pt), e.g. the one the bundle was exported from")
+        raise CheckpointError(f"{path} is a folder, not a checkpoint; pass the ckpt.pt file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
@@ -79,6 +84,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 def load_weights_only(path: Path, what: str = "checkpoint", prefix: str = "") -> Any:
     """`torch.load(weights_only=True)` of `path` with warnings silenced; any failure becomes a
     one-line CheckpointError starting with `prefix` that names `path` (`what` describes it)."""
+    kind = _file_kind(path)
+    if kind != "torch":
+        raise CheckpointError(f"{prefix}not a {what}: {path} is {kind}, not a torch.save file")
     try:
         with warnings.catch_warnings():  # e.g. torch's TorchScript notice: stderr stays one line
             warnings.simplefilter("ignore")
@@ -97,6 +105,30 @@ def load_weights_only(path: Path, what: str = "checkpoint", prefix: str = "") ->
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{prefix}cannot read {what} {path}: truncated or not a torch "
                               f"file ({detail})") from e
+
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's zip container (torch >= 1.6)
+_PICKLE_PROTOCOL = 0x80  # a pickle stream (legacy torch.save) starts with PROTO
+
+
+def _file_kind(path: Path) -> str:
+    """"torch" for a zip or pickle stream (torch.load decides the rest), else a description."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(4096)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
+    if head.startswith(_ZIP_MAGIC) or (head and head[0] == _PICKLE_PROTOCOL):
+        return "torch"
+    if path.suffix.lower() == ".onnx" or (head[:1] == b"\x08" and b"pytorch" in head[:64]):
+        return "an ONNX model"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "a binary file of another format"
+    if b"\x00" in head:
+        return "a binary file of another format"
+    return "a JSON file" if head.lstrip()[:1] in (b"{", b"[") else "a text file"
 
 
 def validate_payload(payload: Any, path: str | os.PathLike) -> dict[str, Any]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -26,12 +25,6 @@ from segclip.errors import MissingDependencyError, SegclipError
 DEFAULT_MAX_PIXELS = 100_000_000  # = segclip.runtime.images.DEFAULT_MAX_PIXELS (kept import-free)
 ENV_CONFIG = "SEGCLIP_SERVE_CONFIG"  # JSON of the options, read by each --workers process
 app = new_app(help="Serve a segclip bundle over HTTP (batching, metrics, a demo page).")
-
-
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
 
 
 def _require_serve_extra() -> None:
@@ -71,8 +64,9 @@ def main(
         "--engine", help="Bundle directory, or its image.onnx / image.fp16.onnx / image.plan.")],
     host: Annotated[str, typer.Option("--host", help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port to bind.")] = 8000,
-    device: Annotated[Device, typer.Option(
-        "--device", help="auto: TensorRT, else ONNX Runtime CUDA, else CPU.")] = Device.auto,
+    device: Annotated[str, typer.Option(
+        "--device", help="auto|cpu|cuda|cuda:N; auto: TensorRT, else ONNX Runtime CUDA, "
+        "else CPU.")] = "auto",
     variant: Annotated[Optional[str], typer.Option(
         "--variant", help="ONNX Runtime image graph: fp32, fp16 or int8.")] = None,
     max_batch: Annotated[int, typer.Option(
@@ -122,9 +116,15 @@ def main(
         settings = ServeSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, queue=queue,
                                  timeout_s=timeout_s, max_body_mb=max_body_mb,
                                  max_pixels=max_pixels, api_keys=keys)
-        config = {"engine": str(engine), "device": device.value, "variant": variant,
+        config = {"engine": str(engine), "device": device, "variant": variant,
                   "threads": threads,
                   "settings": {**asdict(settings), "api_keys": sorted(keys)}}
+        ray_only = {"--address": address is not None, "--replicas": replicas != 1,
+                    "--max-replicas": max_replicas is not None, "--num-cpus": num_cpus != 1.0,
+                    "--num-gpus": num_gpus != 0.0}
+        if not ray and any(ray_only.values()):
+            given = ", ".join(name for name, set_ in ray_only.items() if set_)
+            raise ServeConfigError(f"{given} only apply with --ray; add --ray or drop them")
         if ray:
             from segclip.runtime.serve.ray import RayServeOptions, serve_forever
 
@@ -132,7 +132,7 @@ def main(
                 raise ServeConfigError("--workers starts local processes; with --ray use "
                                        "--replicas")
             serve_forever(RayServeOptions(
-                bundle=str(engine), device=device.value, variant=variant, threads=threads,
+                bundle=str(engine), device=device, variant=variant, threads=threads,
                 replicas=replicas, max_replicas=max_replicas, num_cpus=num_cpus,
                 num_gpus=num_gpus, settings=settings), host=host, port=port, address=address)
             return

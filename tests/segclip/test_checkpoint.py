@@ -174,7 +174,7 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path: Path) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"checkpoint not found: .*nope\.pt"):
         load_checkpoint(tmp_path / "nope.pt")
-    with pytest.raises(CheckpointError, match=r"checkpoint not found"):
+    with pytest.raises(CheckpointError, match=r"is a folder, not a checkpoint"):
         load_checkpoint(tmp_path)  # a directory is not a checkpoint file
 
 
@@ -194,14 +194,25 @@ def test_truncated_file(tmp_path: Path, ckpt: Path, cut: float) -> None:
         load_checkpoint(bad)
 
 
-@pytest.mark.parametrize("content", [b"hello, this is not a checkpoint", bytes(100),
-                                     bytes(range(256)) * 8], ids=["text", "zeros", "binary"])
-def test_not_a_torch_file(tmp_path: Path, content: bytes) -> None:
+@pytest.mark.parametrize("content,kind", [
+    (b"hello", "a text file"), (b"cat\ndog\n", "a text file"),  # "c" is a pickle opcode
+    (b'{"a": 1}', "a JSON file"), (bytes(100), "a binary file of another format"),
+    (bytes(range(1, 256)) * 8, "a binary file of another format")],
+    ids=["hello", "starts-with-c", "json", "zeros", "binary"])
+def test_not_a_torch_file(tmp_path: Path, content: bytes, kind: str) -> None:
     bad = tmp_path / "garbage.pt"
     bad.write_bytes(content)
-    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*garbage\.pt: "
-                                              r"truncated or not a torch file"):
+    with pytest.raises(CheckpointError) as caught:
         load_checkpoint(bad)
+    assert str(caught.value) == f"not a checkpoint: {bad} is {kind}, not a torch.save file"
+
+
+def test_a_bundle_folder_is_not_a_checkpoint(tiny_bundle: Path, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"is a bundle folder; this command takes a "
+                                              r"checkpoint \(ckpt\.pt\)"):
+        load_checkpoint(tiny_bundle)
+    with pytest.raises(CheckpointError, match=r"is a folder, not a checkpoint"):
+        load_checkpoint(tmp_path)
 
 
 def test_corrupted_middle(tmp_path: Path, ckpt: Path) -> None:

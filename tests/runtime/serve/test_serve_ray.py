@@ -238,3 +238,5 @@ def test_bad_bundle_is_one_line_before_ray_starts(tmp_path: Path) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: ") and "missing" in lines[0]
     bad = CliRunner().invoke(app, ["--engine", str(tmp_path), "--ray", "--replicas", "0"])
     assert bad.exit_code == 2 and "replicas must be >= 1" in bad.stderr
+    plain = CliRunner().invoke(app, ["--engine", str(tmp_path), "--replicas", "2"])
+    assert plain.exit_code == 2 and "--replicas only apply with --ray" in plain.stderr
