@@ -78,8 +78,16 @@ def reexport_command(root: Path) -> str:
 def _locate(path: Path) -> tuple[Path, str | None, str | None]:
     """(bundle directory, requested engine kind, requested image variant) of a user path."""
     if not path.exists():
+        known = _ENGINE_FILES.get(path.name)
+        if known is not None and (path.parent / contract.MANIFEST_FILE).is_file():
+            kind, variant = known
+            fix = {"tensorrt": f"build it with {rebuild_command(path.parent)}",
+                   "openvino": f"add it with segclip-export openvino {path.parent} CKPT --int8"
+                   }.get(kind, f"re-export with {reexport_command(path.parent)} --{variant}")
+            raise BundleError(f"the bundle {path.parent} has no {variant or kind} graph "
+                              f"({path.name}); {fix}, or pass the bundle folder")
         raise BundleError(f"bundle path {path} does not exist; pass a bundle directory (or its "
-                          f"image.onnx / image.plan) made by {reexport_command(path)}")
+                          f"image.onnx / image.plan) made by segclip-export onnx CKPT --out DIR")
     if path.is_dir():
         return path, None, None
     if path.name == contract.MANIFEST_FILE:

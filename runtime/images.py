@@ -41,7 +41,8 @@ def _check_pixels(height: int, width: int, max_pixels: int, source: str) -> None
     if height * width > max_pixels:
         raise ImageError(
             f"image {source} has {width}x{height} = {width * height:,} pixels, over the limit of "
-            f"{max_pixels:,}; downscale it first or raise max_pixels")
+            f"{max_pixels:,}; downscale it first or raise the limit "
+            f"(--max-pixels, or max_pixels= in Python)")
 
 
 def _to_rgb_array(image: Image.Image) -> np.ndarray:

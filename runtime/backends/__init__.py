@@ -89,6 +89,7 @@ def create_backend(bundle: str | os.PathLike | Bundle, device: str = "auto",
         BundleError: the bundle is broken or lacks the requested graph.
     """
     bundle = Bundle.open(bundle)
+    spec = str(device).strip()
     device, index = parse_device(device)  # auto | cpu | cuda | cuda:N
     device_id = device_id if index is None else index
     requested = bundle.requested_engine
@@ -117,7 +118,7 @@ def create_backend(bundle: str | os.PathLike | Bundle, device: str = "auto",
     if device == "cuda":
         if not cuda_available():
             raise BackendUnavailableError(
-                f"device 'cuda' is not available: TensorRT: {reason}; ONNX Runtime: this "
+                f"device {spec!r} is not available: TensorRT: {reason}; ONNX Runtime: this "
                 f"onnxruntime has no CUDAExecutionProvider. On a machine with an NVIDIA GPU "
                 f"install the GPU extra ({GPU_INSTALL}), or use device 'cpu'")
         return OnnxRuntimeBackend(bundle, "cuda", variant or "fp32", threads, device_id)

@@ -9,7 +9,10 @@ libraries) becomes one line naming the extra to install, with exit code 2.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import typer
@@ -38,6 +41,24 @@ def fail(error: SegclipError) -> typer.Exit:
     return typer.Exit(code=USER_ERROR_EXIT)
 
 
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Show each distinct warning once, as `warning: ...` on one stderr line (no source path or
+    source line, as Python's default format would print)."""
+    seen: set[str] = set()
+
+    def show(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+        text = "warning: " + " ".join(str(message).split())
+        if text not in seen:
+            seen.add(text)
+            print(text, file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        yield
+
+
 def missing_extra_message(error: ModuleNotFoundError) -> str | None:
     """The one-line hint for a missing optional module, or None when `error` is no such module."""
     top = (error.name or "").split(".")[0]
@@ -49,11 +70,13 @@ def missing_extra_message(error: ModuleNotFoundError) -> str | None:
 
 
 class SegclipApp(typer.Typer):
-    """A typer app whose commands turn a missing optional dependency into a one-line error."""
+    """A typer app whose commands print warnings as single lines and turn a missing optional
+    dependency into a one-line error."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            return super().__call__(*args, **kwargs)
+            with one_line_warnings():
+                return super().__call__(*args, **kwargs)
         except ModuleNotFoundError as error:
             message = missing_extra_message(error)
             if message is None:

@@ -83,3 +83,51 @@ def test_runtime_alone_segments_without_torch(runtime_env: Path, tiny_bundle: Pa
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "image.json", "image.png", "image_overlay.jpg"]
     assert sys.executable != str(python)
+
+
+# Each command in the runtime-only install: works, or one line naming the extra, exit 2.
+NEEDS_TRAIN = [
+    ["segclip-export", "onnx", "{ckpt}"],
+    ["segclip-train", "--config", "tiny", "--data", "{tmp}", "--out", "{tmp}/run"],
+    ["segclip-convert", "clip", "{ckpt}", "--out", "{tmp}/c.pt"],
+    ["segclip-eval", "{ckpt}", "--data", "{data}", "--classes", "{data}/classes.txt"],
+    ["segclip-data", "superpixels", "{tmp}"],
+]
+
+
+@pytest.mark.parametrize("command", NEEDS_TRAIN, ids=lambda c: "-".join(c[:2]))
+def test_torch_commands_name_the_training_extra(runtime_env: Path, tiny_checkpoint: Path,
+                                                synth_world: Path, tmp_path: Path,
+                                                command: list[str]) -> None:
+    args = [part.format(ckpt=tiny_checkpoint, tmp=tmp_path, data=synth_world / "eval")
+            for part in command]
+    result = subprocess.run([str(runtime_env / "bin" / args[0]), *args[1:]],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert lines == [lines[0]] and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("error: this command needs the training extra"), lines[0]
+    assert lines[0].endswith("pip install 'segclip[train]'")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "c.pt").exists()
+
+
+def test_eval_of_a_bundle_works_without_torch(runtime_env: Path, tiny_bundle: Path,
+                                              synth_world: Path, tmp_path: Path) -> None:
+    data = synth_world / "eval"
+    result = run([str(runtime_env / "bin" / "segclip-eval"), str(tiny_bundle), "--data",
+                  str(data), "--classes", str(data / "classes.txt"), "--quiet",
+                  "--out", str(tmp_path / "eval.json")], timeout=300, cwd=tmp_path)
+    assert "mIoU" in result.stdout or "miou" in result.stdout.lower()
+    assert 0.0 <= json.loads((tmp_path / "eval.json").read_text())["miou"] <= 1.0
+
+
+def test_synthetic_world_needs_no_torch(runtime_env: Path, tmp_path: Path) -> None:
+    run([str(runtime_env / "bin" / "segclip-data"), "synth", str(tmp_path / "world"), "--num",
+         "4", "--size", "64"], timeout=300, cwd=tmp_path)
+    assert (tmp_path / "world" / "train" / "pairs.jsonl").is_file()
+
+
+@pytest.mark.parametrize("command", ["segclip-serve", "segclip-run"])
+def test_runtime_commands_show_help(runtime_env: Path, command: str) -> None:
+    result = run([str(runtime_env / "bin" / command), "--help"], timeout=120)
+    assert "[default:" in result.stdout

@@ -1,0 +1,255 @@
+"""What a new user meets first: one `--device` vocabulary with absent devices refused, help that
+shows every default, one line per warning, and `segclip-run`'s flags and results
+(docs/architecture.md "Command contracts")."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import click
+import typer
+from PIL import Image
+from typer.testing import CliRunner
+
+from segclip.cli._exit import missing_extra_message
+from segclip.runtime.devices import parse_device
+from segclip.runtime.errors import EngineError
+
+runner = CliRunner()
+NO_GPU = not __import__("torch").cuda.is_available()
+
+
+def _commands() -> list[tuple[str, typer.Typer, list[str]]]:
+    from segclip.cli.convert import app as convert_app
+    from segclip.cli.data import app as data_app
+    from segclip.cli.evaluate import app as eval_app
+    from segclip.cli.train import app as train_app
+    from segclip.export.cli import app as export_app
+    from segclip.runtime.cli import app as run_app
+    from segclip.runtime.serve.cli import app as serve_app
+
+    return [("segclip-train", train_app, []), ("segclip-eval", eval_app, []),
+            ("segclip-data synth", data_app, ["synth"]),
+            ("segclip-data superpixels", data_app, ["superpixels"]),
+            ("segclip-convert official", convert_app, ["official"]),
+            ("segclip-convert clip", convert_app, ["clip"]),
+            ("segclip-convert to-official", convert_app, ["to-official"]),
+            ("segclip-export onnx", export_app, ["onnx"]),
+            ("segclip-export verify", export_app, ["verify"]),
+            ("segclip-export trt", export_app, ["trt"]),
+            ("segclip-run", run_app, []), ("segclip-serve", serve_app, [])]
+
+
+@pytest.mark.parametrize("name,app,sub", _commands(), ids=lambda v: v if isinstance(v, str)
+                         else "")
+def test_help_shows_defaults(name: str, app: typer.Typer, sub: list[str]) -> None:
+    result = runner.invoke(app, [*sub, "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert "<bool>" not in text  # flags take no value
+    assert not re.search(r"\w \.(\s|$)", text), text  # no text eaten before a full stop
+    assert "Usage:" in text and "{model}" not in text
+    command = typer.main.get_command(app)
+    if sub:
+        command = command.commands[sub[0]]
+    ctx = command.make_context(name, [], resilient_parsing=True)
+    for param in command.params:
+        shown = param.default not in (None, False, ()) and not param.required
+        if isinstance(param, click.Option) and shown and param.name != "help":
+            record = param.get_help_record(ctx)
+            assert record is not None and "[default:" in record[1], (name, param.name, record)
+
+
+def test_help_keeps_bracketed_defaults() -> None:
+    from segclip.cli.evaluate import app
+
+    text = runner.invoke(app, ["--help"], terminal_width=200).output
+    assert "Background threshold [default: the preset's, else the checkpoint's, else 0.80]" in text
+    assert "--progress / --quiet" in text
+
+
+@pytest.mark.parametrize("spec,expected", [("auto", ("auto", None)), ("cpu", ("cpu", None)),
+                                           ("cuda", ("cuda", None)), ("cuda:1", ("cuda", 1)),
+                                           (" CUDA:0 ", ("cuda", 0))])
+def test_device_vocabulary(spec: str, expected: tuple[str, int | None]) -> None:
+    assert parse_device(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["gpu", "tpu", "cpu:1", "cuda:-1", "cuda:", "mps", ""])
+def test_unknown_devices_are_refused(spec: str) -> None:
+    with pytest.raises(EngineError, match=r"unknown device .*; choose one of auto, cpu, cuda or "
+                                          r"cuda:N"):
+        parse_device(spec)
+
+
+@pytest.mark.skipif(not NO_GPU, reason="checks the refusal of an absent GPU")
+@pytest.mark.parametrize("spec", ["cuda", "cuda:0", "cuda:3"])
+def test_absent_gpu_is_an_error_in_torch(spec: str) -> None:
+    from segclip.devices import torch_device
+    from segclip.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"device '{spec}' is not available: this machine has "
+                                          r"no CUDA GPU .*use --device cpu"):
+        torch_device(spec)
+    assert torch_device("auto").type == "cpu" and torch_device(None).type == "cpu"
+
+
+def one_line(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+@pytest.mark.skipif(not NO_GPU, reason="checks the refusal of an absent GPU")
+@pytest.mark.parametrize("spec", ["cuda", "cuda:0", "gpu"])
+@pytest.mark.parametrize("model", ["checkpoint", "bundle"])
+def test_eval_refuses_absent_or_unknown_device(spec: str, model: str, tiny_checkpoint: Path,
+                                               tiny_bundle: Path, synth_world: Path,
+                                               tmp_path: Path) -> None:
+    from segclip.cli.evaluate import app
+
+    data = synth_world / "eval"
+    path = tiny_checkpoint if model == "checkpoint" else tiny_bundle
+    result = runner.invoke(app, [str(path), "--data", str(data), "--classes",
+                                 str(data / "classes.txt"), "--device", spec, "--quiet",
+                                 "--out", str(tmp_path / "r.json")])
+    line = one_line(result)
+    assert spec in line and ("choose one of" in line or "not available" in line), line
+    assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.skipif(not NO_GPU, reason="checks the refusal of an absent GPU")
+@pytest.mark.parametrize("spec", ["cuda", "cuda:0", "tpu"])
+def test_train_refuses_absent_or_unknown_device(spec: str, synth_world: Path,
+                                                tmp_path: Path) -> None:
+    from segclip.cli.train import app
+
+    result = runner.invoke(app, ["--config", "tiny", "--data", str(synth_world / "train"),
+                                 "--out", str(tmp_path / "run"), "--steps", "1", "--quiet",
+                                 "--device", spec])
+    line = one_line(result)
+    assert repr(spec) in line
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_missing_extra_messages() -> None:
+    message = missing_extra_message(ModuleNotFoundError("No module named 'torch'", name="torch"))
+    assert message == ("error: this command needs the training extra (torch is not installed): "
+                       "pip install 'segclip[train]'")
+    assert "segclip[openvino]" in missing_extra_message(
+        ModuleNotFoundError("x", name="openvino.runtime"))
+    assert missing_extra_message(ModuleNotFoundError("x", name="numpy")) is None
+
+
+# ---- segclip-run ------------------------------------------------------------------------------
+def _image(path: Path, seed: int = 0, size: tuple[int, int] = (60, 90)) -> Path:
+    rng = np.random.default_rng(seed)
+    pixels = np.zeros((*size, 3), np.uint8)
+    pixels[:] = rng.integers(0, 255, 3)
+    pixels[10:40, 20:70] = rng.integers(0, 255, 3)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def _run(*args: str):
+    from segclip.runtime.cli import app
+
+    return runner.invoke(app, ["--quiet", *args])
+
+
+@pytest.mark.parametrize("bad", ["not-an-image", "too-many-pixels", "one-by-4000"])
+def test_a_lone_unreadable_image_prints_one_line_and_writes_nothing(tiny_bundle: Path,
+                                                                   tmp_path: Path,
+                                                                   bad: str) -> None:
+    image = tmp_path / "bad.png"
+    extra: list[str] = []
+    if bad == "not-an-image":
+        image.write_text("hello")
+    elif bad == "too-many-pixels":
+        _image(image)
+        extra = ["--max-pixels", "100"]
+    else:
+        Image.new("RGB", (4000, 1)).save(image)
+        extra = ["--max-pixels", "3999"]
+    out = tmp_path / "out"
+    result = _run("--engine", str(tiny_bundle), "--label", "cat", "-o", str(out), *extra,
+                  str(image))
+    line = one_line(result)
+    assert "skipped" not in line and "continuing" not in line
+    assert result.stdout == ""  # no summary table, no "results in"
+    assert not out.exists()
+    if bad == "too-many-pixels":
+        assert "--max-pixels" in line
+
+
+def test_labels_on_the_command_line_and_flags(tiny_bundle: Path, tmp_path: Path) -> None:
+    image = _image(tmp_path / "scene.png")
+    (tmp_path / "labels.txt").write_text("red square\n")
+    out = tmp_path / "out"
+    result = _run("--engine", str(tiny_bundle), "--labels", str(tmp_path / "labels.txt"),
+                  "--label", "blue circle", "--label", "cat", "-o", str(out), "--variant",
+                  "fp16", "--threads", "1", "--batch-size", "2", "--top-k", "2", "--cache-dir",
+                  str(tmp_path / "cache"), "--confidence", "--threshold", "0", str(image))
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "scene.json").read_text())
+    assert report["labels"] == ["red square", "blue circle", "cat"]
+    assert report["run"]["variant"] == "fp16" and report["backend_info"]["variant"] == "fp16"
+    assert list(report["scores"]) == report["labels"]
+    assert any((tmp_path / "cache").iterdir())
+    with Image.open(out / "scene_conf.png") as conf:
+        assert conf.mode == "L" and conf.size == (90, 60)
+        levels = np.asarray(conf)
+    assert levels.max() > 0
+    assert "wall" in result.stdout and "write" in result.stdout
+
+
+def test_no_labels_is_one_line(tiny_bundle: Path, tmp_path: Path) -> None:
+    line = one_line(_run("--engine", str(tiny_bundle), "-o", str(tmp_path / "o"),
+                         str(_image(tmp_path / "a.png"))))
+    assert "--labels FILE" in line and "--label NAME" in line
+
+
+def test_skip_existing_redoes_results_of_other_settings(tiny_bundle: Path,
+                                                        tmp_path: Path) -> None:
+    image = _image(tmp_path / "scene.png")
+    out = tmp_path / "out"
+    base = ["--engine", str(tiny_bundle), "-o", str(out), "--skip-existing"]
+    assert _run(*base, "--label", "cat", str(image)).exit_code == 0
+    first = json.loads((out / "scene.json").read_text())
+    same = _run(*base, "--label", "cat", str(image))
+    assert "1       0     1" in same.stdout.replace("  ", "  ")  # 1 image, 0 done, 1 skipped
+    for changed in (["--label", "dog"], ["--label", "cat", "--threshold", "0.1"],
+                    ["--label", "cat", "--variant", "fp16"]):
+        result = _run(*base, *changed, str(image))
+        assert result.exit_code == 0, result.output
+        redone = json.loads((out / "scene.json").read_text())
+        assert redone["run"] != first["run"], changed
+        first = redone
+
+
+def test_missing_variant_file_names_the_fix(tiny_bundle: Path, tmp_path: Path) -> None:
+    line = one_line(_run("--engine", str(tiny_bundle / "image.int8.onnx"), "--label", "cat",
+                         "-o", str(tmp_path / "o"), str(_image(tmp_path / "a.png"))))
+    assert "has no int8 graph" in line and "--int8" in line
+    assert not (tmp_path / "o").exists() and not (tiny_bundle / "image.int8.onnx").exists()
+
+
+def test_long_labels_warn_once_on_one_line_each(tiny_bundle: Path, tmp_path: Path) -> None:
+    long_a, long_b = "very long label " * 40, "another long label " * 40
+    result = subprocess.run(
+        [sys.executable, "-m", "segclip.runtime.cli", "--engine", str(tiny_bundle), "--label",
+         long_a, "--label", long_b, "-o", str(tmp_path / "o"), "--quiet",
+         str(_image(tmp_path / "a.png")), str(_image(tmp_path / "b.png", 1))],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("warning: label ") for line in lines), lines
+    assert "segmenter.py" not in result.stderr and "Warning:" not in result.stderr
