@@ -10,9 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
-import click
 import typer
 from PIL import Image
 from typer.testing import CliRunner
