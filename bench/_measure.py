@@ -1,4 +1,4 @@
-"""Timing loops and memory probes for the benchmarks (STYLE.md "Benchmarks").
+"""Timing loops and memory probes for the benchmarks (docs/performance.md).
 
 - `time_calls`: warm-up calls, then timed calls with `sync()` before each clock read (a CUDA
   stream sync on GPU: without it only the launch is timed), until both a minimum count and a

@@ -25,16 +25,26 @@ def _progress(message: str) -> None:
     typer.echo(message, err=True)
 
 
+def _say(progress: bool):
+    """The progress callback of a command: one line per step on stderr, or None (--quiet)."""
+    return _progress if progress else None
+
+
+ProgressFlag = Annotated[bool, typer.Option("--progress/--quiet",
+                                            help="One line per step on stderr.")]
+
+
 @app.command("onnx")
 def onnx_command(
     checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT",
         help="segclip checkpoint (ckpt.pt)")],
-    out: Annotated[Path | None, typer.Option("--out", help="bundle directory "
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="bundle directory "
                                              "[default: 'bundle' beside the checkpoint]")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset, 17..20")] = 17,
     fp16: Annotated[bool, typer.Option("--fp16", help="also write image.fp16.onnx")] = False,
     int8: Annotated[bool, typer.Option("--int8", help="also write image.int8.onnx "
                                        "(dynamic int8, CPU)")] = False,
+    progress: ProgressFlag = True,
 ) -> None:
     """Export CHECKPOINT as a bundle verified against PyTorch (image/text ONNX, tokenizer)."""
     try:
@@ -43,7 +53,7 @@ def onnx_command(
 
         out_dir = out if out is not None else checkpoint.parent / "bundle"
         bundle = export_bundle(checkpoint, out_dir, opset=opset, fp16=fp16, int8=int8,
-                               progress=_progress)
+                               progress=_say(progress))
         typer.echo(summary_table(bundle))
     except SegclipError as e:
         raise fail(e) from None
@@ -54,12 +64,13 @@ def verify_command(
     bundle: Annotated[Path, typer.Argument(metavar="BUNDLE", help="bundle directory")],
     checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT",
         help="the checkpoint it was exported from")],
+    progress: ProgressFlag = True,
 ) -> None:
     """Re-run the ONNX Runtime vs PyTorch parity check of every graph in BUNDLE."""
     try:
         from segclip.export.bundle import verify_bundle
 
-        report = verify_bundle(bundle, checkpoint, progress=_progress)
+        report = verify_bundle(bundle, checkpoint, progress=_say(progress))
         for item in report.image:
             figures = ", ".join(f"{k} {v:.1e}" for k, v in item.max_abs.items())
             typer.echo(f"{item.file}: max|diff| {figures}; region argmax agreement "
@@ -82,6 +93,7 @@ def openvino_command(
         "--calibration", help="folder of calibration images for --int8 [default: generated "
         "shapes scenes]")] = None,
     samples: Annotated[int, typer.Option(help="calibration windows for --int8")] = 64,
+    progress: ProgressFlag = True,
 ) -> None:
     """Add the OpenVINO variants (ov-f32, ov-bf16, ov-int8) to BUNDLE, each checked against
     PyTorch, with its parity figures in segclip.json."""
@@ -89,7 +101,7 @@ def openvino_command(
         from segclip.export.openvino import export_openvino, summary_lines
 
         section = export_openvino(bundle, checkpoint, int8=int8, calibration=calibration,
-                                  samples=samples, progress=_progress)
+                                  samples=samples, progress=_say(progress))
         for line in summary_lines(section):
             typer.echo(line)
     except SegclipError as e:
@@ -108,6 +120,7 @@ def trt_command(
     timing_cache: Annotated[Path | None, typer.Option("--timing-cache",
                                                       help="timing cache file to load/save")]
     = None,
+    progress: ProgressFlag = True,
 ) -> None:
     """Build TensorRT engines image.plan and text.plan in BUNDLE for this GPU."""
     try:
@@ -116,7 +129,7 @@ def trt_command(
 
         build_engines(bundle, fp16=fp16, batch=Profile.parse(batch, "--batch"),
                       labels=Profile.parse(labels, "--labels"), workspace_gib=workspace,
-                      timing_cache=timing_cache, progress=_progress)
+                      timing_cache=timing_cache, progress=_say(progress))
         typer.echo(summary_table(bundle))
     except SegclipError as e:
         raise fail(e) from None

@@ -1,6 +1,6 @@
 """Parity of the exported graphs with PyTorch eager (docs/architecture.md "segclip-export onnx ...
 verified
-against PyTorch"; STYLE.md test kind 1: a stated tolerance against a literal reference).
+against PyTorch"; a stated tolerance against a literal reference).
 
 ONNX Runtime (CPU) runs every graph of the bundle on random images and on generated "real-looking"
 ones (smooth coloured shapes on a gradient, like the synthetic world) at batch 1 and 3, and text

@@ -39,7 +39,7 @@ INT8_OP_TYPES = ("MatMul", "Gemm")
 # resblocks[0, group_layer) (node names carry module paths: "/resblocks.3/mlp/c_fc/Gemm").
 # Everything else stays float32: module (node names) -> why. Figures (measured on the
 # `nn.MultiheadAttention` trace, before `LeanBlock`s): ONNX Runtime CPU vs
-# PyTorch, export parity cases unless noted; README "Export and TensorRT" and
+# PyTorch, export parity cases unless noted; docs/export.md and
 # bench/results/cpu-2core-intel-xeon/precision-demo-tiny.json (trained model, eval split).
 INT8_KEEP_FLOAT32 = {
     "semantic group (/group/...)":

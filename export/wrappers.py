@@ -1,4 +1,4 @@
-"""Export-only wrappers (STYLE.md: SAM's `SamOnnxModel`): the graph I/O of the bundle contract.
+"""Export-only wrappers over the eager model: the graph I/O of the bundle contract.
 
 They call the model's own `encode_image` / `encode_text`, so the exported graphs are the eager
 inference path (`onnx_graph` traces the transformer blocks as their `LeanBlock` equivalents,

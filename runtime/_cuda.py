@@ -1,8 +1,8 @@
 """cuda-python helpers shared by the TensorRT backend and the CUDA label assignment.
 
 Imports cuda-python at the top (new `cuda.bindings` layout, or the older `cuda.cudart` one), so
-only the GPU modules import this file, and only when selected (STYLE.md "Optional heavy
-dependencies"). Everything uses the runtime API on the device's *primary* context, the one
+only the GPU modules import this file, and only when selected (docs/architecture.md "Layout and
+packages"). Everything uses the runtime API on the device's *primary* context, the one
 ONNX Runtime, TensorRT and torch also use (docs/runtime-practice.md pitfall 4: no private contexts).
 """
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train the tiny demo model from scratch on the synthetic shapes world and ship it as
-# segclip/assets/demo_tiny.pt (README "The demo model and the synthetic shapes world": recipe, measurements).
+# segclip/assets/demo_tiny.pt (docs/synthetic-world.md: recipe, measurements).
 #
 #   bash scripts/train_demo_tiny.sh            # or: make train-demo
 #   WORK=out/demo NUM=20000 THREADS=1 bash scripts/train_demo_tiny.sh

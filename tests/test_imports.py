@@ -1,4 +1,4 @@
-"""Import-direction contract (docs/architecture.md, STYLE.md): `segclip` and `segclip.runtime` load
+"""Import-direction contract (docs/architecture.md): `segclip` and `segclip.runtime` load
 without
 torch. Each check runs in a fresh interpreter, from a directory outside the repository, so it sees
 the installed package mapping (`segclip.runtime` -> runtime/) and nothing already imported."""

@@ -12,7 +12,7 @@ A TensorRT engine built by another TensorRT version or GPU is refused (`EngineEr
 rebuild command) rather than skipped, in every mode. A path to `image.plan` asks for TensorRT
 (and never falls back); a path to an `image*.onnx` asks for ONNX Runtime with that graph.
 The TensorRT module (tensorrt, cuda-python) is imported only here, inside the function that
-selects it (STYLE.md "Optional heavy dependencies").
+selects it (docs/architecture.md "Layout and packages").
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ def main(
     threshold: Annotated[Optional[float], typer.Option(
         "--threshold", help="Background threshold [default: the preset's, else the "
         "checkpoint's, else 0.80].")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Write the result JSON here.")
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the result JSON here.")
                    ] = None,
     split: Annotated[str, typer.Option("--split", help="ImageSets/Segmentation/SPLIT.txt")
                      ] = "val",

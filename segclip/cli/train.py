@@ -58,7 +58,7 @@ def build_configs(config: str | None, recipe: str | None, overrides: dict[str, A
 
 @app.command()
 def main(
-    out: Annotated[Path, typer.Option("--out", help="Run folder: ckpt.pt, train_state.pt, "
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: ckpt.pt, train_state.pt, "
                                       "metrics.jsonl.")],
     data: Annotated[Optional[list[Path]], typer.Option(
         "--data", help="pairs.jsonl, CSV/TSV, COCO JSON, .tar shards or a folder; repeatable "

@@ -14,8 +14,7 @@ training; from scratch they leave the early blocks and embeddings at their rando
 `lower_lr`.
 
 A `Recipe` pairs a `TrainConfig` with `ModelConfig` overrides: `paper` (the default, faithful) and
-`synth` (the tiny model from scratch on the synthetic shapes world; README "The demo model and
-the synthetic shapes world").
+`synth` (the tiny model from scratch on the synthetic shapes world; docs/synthetic-world.md).
 """
 
 from __future__ import annotations
@@ -120,8 +119,8 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "paper": Recipe("paper", TrainConfig(), {},
                     "the reference recipe (CLIP-initialised training, paper §3.2)"),
-    # Chosen on the synthetic world's val split (tiny preset from scratch, one CPU thread; README
-    # "The demo model and the synthetic shapes world" has the probes behind every value). From
+    # Chosen on the synthetic world's val split (tiny preset from scratch, one CPU thread;
+    # docs/synthetic-world.md has the probes behind every value). From
     # scratch every parameter trains at one lr: the reference's lower-lr group and frozen
     # embeddings assume CLIP weights. cross_layers=0 is paper Table 3's "0" row (static centers):
     # 6.8 vs 5.1 % val mIoU over 2 cross layers (mean of 3 seeds, 1000 steps), and 6.35 vs 4.89 %

@@ -1,6 +1,5 @@
 """The shipped demo model (segclip/assets/demo_tiny.pt) still loads and scores on the synthetic
-world's held-out evaluation split (the figures in README "The demo model and the synthetic
-shapes world")."""
+world's held-out evaluation split (the figures in docs/synthetic-world.md)."""
 
 from __future__ import annotations
 

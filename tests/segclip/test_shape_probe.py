@@ -1,4 +1,5 @@
-"""scripts/shape_probe.py: the supervised shape control behind the README's "What limits it"."""
+"""scripts/shape_probe.py: the supervised shape control behind docs/synthetic-world.md ("What
+limits it")."""
 
 from __future__ import annotations
 
