@@ -84,7 +84,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 def load_weights_only(path: Path, what: str = "checkpoint", prefix: str = "") -> Any:
     """`torch.load(weights_only=True)` of `path` with warnings silenced; any failure becomes a
     one-line CheckpointError starting with `prefix` that names `path` (`what` describes it)."""
-    kind = _file_kind(path)
+    kind = file_kind(path)
     if kind != "torch":
         raise CheckpointError(f"{prefix}not a {what}: {path} is {kind}, not a torch.save file")
     try:
@@ -111,7 +111,7 @@ _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's zip container (torch >= 1.6)
 _PICKLE_PROTOCOL = 0x80  # a pickle stream (legacy torch.save) starts with PROTO
 
 
-def _file_kind(path: Path) -> str:
+def file_kind(path: Path) -> str:
     """"torch" for a zip or pickle stream (torch.load decides the rest), else a description."""
     try:
         with path.open("rb") as handle:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from segclip.checkpoint import file_kind
 from segclip.convert._torchscript import (
     TorchScriptError,
     is_torchscript_archive,
@@ -57,6 +58,9 @@ def read_state_dict(path: str | Path, what: str = "weights") -> dict[str, torch.
 
 
 def _torch_load(path: Path, what: str) -> Any:
+    kind = file_kind(path)
+    if kind != "torch":
+        raise ConversionError(f"not {what} weights: {path} is {kind}, not a torch.save file")
     try:
         with warnings.catch_warnings():  # keep stderr to the one error line
             warnings.simplefilter("ignore")

@@ -91,7 +91,7 @@ def test_missing_file(command: str, tmp_path: Path) -> None:
     ("official", {"a": 1}, "not a state dict"),
     ("official", {"visual.conv1.weight": torch.zeros(1)}, "not an official SegCLIP"),
     ("clip", {"a": 1}, "not a state dict"),
-    ("clip", b"not a torch file", "cannot read"),
+    ("clip", b"not a torch file", "is a text file, not a torch.save file"),
     ("to-official", {"weight": torch.zeros(1)}, "not a segclip checkpoint"),
     ("to-official", b"", "empty"),
 ])

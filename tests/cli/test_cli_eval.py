@@ -54,7 +54,7 @@ def test_eval_errors_exit_2(checkpoint: Path, synth_world: Path, tmp_path: Path)
                    "checkpoint not found")
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     one_line_error(runner.invoke(app, [str(tmp_path / "bad.pt"), "--data", val]),
-                   "cannot read checkpoint")
+                   "bad.pt is a text file, not a torch.save file")
     one_line_error(runner.invoke(app, [str(checkpoint), "--data", str(tmp_path)]),
                    "classes.txt does not exist")
     one_line_error(runner.invoke(app, [str(checkpoint), "--data", str(tmp_path),

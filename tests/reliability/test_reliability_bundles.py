@@ -27,7 +27,7 @@ FOREIGN_ENGINE = {"tower": "image", "file": "image.plan", "tensorrt": "8.6.1",
 # read the damaged part (e.g. `verify` re-checks graphs, not the tokenizer or engines)
 KINDS: dict[str, dict[str, str]] = {
     "lone_onnx_file": {"verify": "is a file, not a segclip bundle",
-                       "run": "is not a segclip bundle", "eval": "cannot read checkpoint"},
+                       "run": "is not a segclip bundle", "eval": "is an ONNX model"},
     "graph_without_manifest": {"verify": "no segclip.json", "run": "no segclip.json",
                                "eval": "no segclip.json"},
     "missing_image": {"verify": "lacks ['image.onnx']", "run": "image.onnx is missing",

@@ -114,8 +114,8 @@ CLIP_KINDS = {
     "missing": "not found",
     "empty": "empty (0 bytes)",
     "truncated_half": "truncated",
-    "text_file": "cannot read CLIP file",
-    "onnx_file": "cannot read CLIP file",
+    "text_file": "not CLIP weights: ",
+    "onnx_file": "is an ONNX model, not a torch.save file",
     "npz_file": "cannot read CLIP file",
     "segclip_checkpoint": "already a segclip checkpoint",
     "official_layout": "official SegCLIP file",
@@ -181,8 +181,8 @@ def test_valid_clip_weights_initialise_training(tmp_path: Path, tiny_checkpoint:
 
 OFFICIAL_KINDS = {
     "truncated_half": "truncated",
-    "text_file": "cannot read official SegCLIP file",
-    "onnx_file": "cannot read official SegCLIP file",
+    "text_file": "not official SegCLIP weights: ",
+    "onnx_file": "is an ONNX model, not a torch.save file",
     "torchscript": "not an official SegCLIP state dict",
     "segclip_checkpoint": "already a segclip checkpoint",
     "clip_weights": "not an official SegCLIP state dict",
