@@ -18,7 +18,7 @@ from typing import Annotated, Optional
 import typer
 
 from segclip.cli._exit import fail, new_app
-from segclip.errors import SegclipError
+from segclip.errors import DataError, SegclipError
 
 app = new_app(help="Evaluate zero-shot segmentation (mIoU).")
 
@@ -28,7 +28,11 @@ def main(
     model: Annotated[Path, typer.Argument(metavar="MODEL", help="ckpt.pt or a bundle directory.")],
     data: Annotated[Path, typer.Option("--data", help="VOC-layout folder.")],
     classes: Annotated[Optional[str], typer.Option(
-        "--classes", help="classes.txt or a preset (voc, context, coco-object).")] = None,
+        "--classes", help="classes.txt or a preset (voc, context, coco-object) [default: "
+        "DATA/classes.txt].")] = None,
+    label: Annotated[Optional[list[str]], typer.Option(
+        "--label", help="A class name instead of --classes; repeatable, class i = the i-th "
+        "--label (the mask value).")] = None,
     threshold: Annotated[Optional[float], typer.Option(
         "--threshold", help="Background threshold [default: the preset's, else the "
         "checkpoint's, else 0.80].")] = None,
@@ -50,8 +54,10 @@ def main(
         from segclip.evaluation.evaluate import evaluate
         from segclip.evaluation.metrics import format_table
 
-        result = evaluate(model, data, classes, threshold, out, diagnostics, split, device,
-                          limit, progress)
+        if label and classes is not None:
+            raise DataError("pass either --classes or --label, not both")
+        result = evaluate(model, data, list(label) if label else classes, threshold, out,
+                          diagnostics, split, device, limit, progress)
     except SegclipError as e:
         raise fail(e) from None
     import numpy as np

@@ -47,7 +47,7 @@ class ClassList:
     source: str  # preset name or file path
 
 
-def _parse_names(text: str, source: str) -> tuple[str, ...]:
+def parse_names(text: str, source: str) -> tuple[str, ...]:
     names = tuple(line.strip() for line in text.splitlines() if line.strip())
     if not names:
         raise DataError(f"class list {source} is empty; write one class name per line")
@@ -66,7 +66,7 @@ def load_classes(spec: str | Path) -> ClassList:
     if key in PRESETS:
         preset = PRESETS[key]
         text = resources.files("segclip.evaluation").joinpath("classes", preset.file).read_text()
-        return ClassList(_parse_names(text, key), preset.threshold, key)
+        return ClassList(parse_names(text, key), preset.threshold, key)
     path = Path(spec)
     if not path.is_file():
         raise DataError(f"class list not found: {path}; pass a file or one of "
@@ -75,7 +75,7 @@ def load_classes(spec: str | Path) -> ClassList:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"class list {path} is not UTF-8 text") from e
-    return ClassList(_parse_names(text, str(path)), None, str(path))
+    return ClassList(parse_names(text, str(path)), None, str(path))
 
 
 @dataclass(frozen=True)

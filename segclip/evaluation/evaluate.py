@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from segclip.errors import DataError, SegclipError, WriteError
-from segclip.evaluation.datasets import ClassList, VocDataset, load_classes
+from segclip.evaluation.datasets import ClassList, VocDataset, load_classes, parse_names
 from segclip.evaluation.metrics import confusion_matrix, iou_per_class, mean_iou
 from segclip.runtime._atomic import atomic_write_bytes
 from segclip.runtime.contract import DEFAULT_THRESHOLD, MANIFEST_FILE
@@ -107,8 +107,11 @@ def find_held_out(data: Path) -> tuple[str, ...]:
     return ()
 
 
-def resolve_classes(data: Path, classes: str | Path | None) -> ClassList:
-    """The class list: a preset name or file, else `DATA/classes.txt`."""
+def resolve_classes(data: Path, classes: str | Path | Sequence[str] | None) -> ClassList:
+    """The class list: names (class i = the i-th), a preset name or file, else
+    `DATA/classes.txt`."""
+    if isinstance(classes, (list, tuple)):
+        return ClassList(parse_names("\n".join(classes), "--label"), None, "--label")
     if classes is not None:
         return load_classes(classes)
     default = data / "classes.txt"
@@ -118,7 +121,8 @@ def resolve_classes(data: Path, classes: str | Path | None) -> ClassList:
     return load_classes(default)
 
 
-def evaluate(path: str | Path, data: str | Path, classes: str | Path | None = None,
+def evaluate(path: str | Path, data: str | Path,
+             classes: str | Path | Sequence[str] | None = None,
              threshold: float | None = None, out: str | Path | None = None,
              diagnostics: bool = False, split: str = "val", device: str = "cpu",
              limit: int | None = None, progress: bool = False) -> EvalResult:

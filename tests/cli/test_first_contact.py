@@ -253,3 +253,24 @@ def test_long_labels_warn_once_on_one_line_each(tiny_bundle: Path, tmp_path: Pat
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 2 and all(line.startswith("warning: label ") for line in lines), lines
     assert "segmenter.py" not in result.stderr and "Warning:" not in result.stderr
+
+
+def test_eval_takes_labels_on_the_command_line(tiny_bundle: Path, synth_world: Path,
+                                               tmp_path: Path) -> None:
+    from segclip.cli.evaluate import app
+
+    data = synth_world / "eval"
+    names = (data / "classes.txt").read_text().split("\n")
+    names = [n for n in names if n.strip()]
+    by_file = runner.invoke(app, [str(tiny_bundle), "--data", str(data), "--classes",
+                                  str(data / "classes.txt"), "--quiet", "-o",
+                                  str(tmp_path / "a.json")])
+    by_flag = runner.invoke(app, [str(tiny_bundle), "--data", str(data), "--quiet", "-o",
+                                  str(tmp_path / "b.json"),
+                                  *[arg for name in names for arg in ("--label", name)]])
+    assert by_file.exit_code == 0 and by_flag.exit_code == 0, by_flag.output
+    first, second = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
+    assert first["miou"] == second["miou"] and first["per_class"] == second["per_class"]
+    both = runner.invoke(app, [str(tiny_bundle), "--data", str(data), "--classes", "voc",
+                               "--label", "cat"])
+    assert "either --classes or --label" in one_line(both)
