@@ -188,6 +188,18 @@ def _check_bundle_graphs(bundle_dir: Path, manifest: dict[str, Any], model: SegC
                               f"the bundle is damaged: re-export it") from e
 
 
+def source_model(bundle_dir: Path, manifest: dict[str, Any], checkpoint: Path) -> Any:
+    """The checkpoint's model (eval mode), refused if the bundle records another checkpoint."""
+    payload = read_checkpoint(checkpoint)
+    recorded = manifest.get("source", {}).get("checkpoint_sha256")
+    actual = file_sha256(checkpoint)
+    if recorded and recorded != actual:
+        raise ExportError(f"{bundle_dir} was exported from a checkpoint with sha256 "
+                          f"{recorded[:12]}..., but {checkpoint} has {actual[:12]}...; pass the "
+                          f"checkpoint it was exported from, or re-export")
+    return model_from_payload(payload, checkpoint).eval()
+
+
 def verify_bundle(bundle_dir: str | Path, checkpoint: str | Path,
                   progress: Progress | None = None) -> ParityReport:
     """Re-run the parity check of every image graph and the text graph of a bundle against the
@@ -200,14 +212,7 @@ def verify_bundle(bundle_dir: str | Path, checkpoint: str | Path,
     bundle_dir, checkpoint = Path(bundle_dir), Path(checkpoint)
     say = progress or _quiet
     manifest = read_manifest(bundle_dir)
-    payload = read_checkpoint(checkpoint)
-    recorded = manifest.get("source", {}).get("checkpoint_sha256")
-    actual = file_sha256(checkpoint)
-    if recorded and recorded != actual:
-        raise ExportError(f"{bundle_dir} was exported from a checkpoint with sha256 "
-                          f"{recorded[:12]}..., but {checkpoint} has {actual[:12]}...; pass the "
-                          f"checkpoint it was exported from, or re-export")
-    model = model_from_payload(payload, checkpoint).eval()
+    model = source_model(bundle_dir, manifest, checkpoint)
     files = manifest["files"]
     images = {p: files[key] for p, (key, _) in IMAGE_VARIANTS.items() if key in files}
     missing = [name for name in files.values() if not (bundle_dir / name).is_file()]

@@ -120,16 +120,9 @@ def _quiet(_: str) -> None:
 
 def _load_model(bundle_dir: Path, manifest: dict[str, Any], checkpoint: Path) -> Any:
     """The checkpoint's model, refused if the bundle records another checkpoint."""
-    from segclip.checkpoint import file_sha256, model_from_payload, read_checkpoint
+    from segclip.export.bundle import source_model
 
-    payload = read_checkpoint(checkpoint)
-    recorded = manifest.get("source", {}).get("checkpoint_sha256")
-    actual = file_sha256(checkpoint)
-    if recorded and recorded != actual:
-        raise ExportError(f"{bundle_dir} was exported from a checkpoint with sha256 "
-                          f"{recorded[:12]}..., but {checkpoint} has {actual[:12]}...; pass the "
-                          f"checkpoint it was exported from")
-    return model_from_payload(payload, checkpoint).eval()
+    return source_model(bundle_dir, manifest, checkpoint)
 
 
 def _staged_names(bundle_dir: Path) -> tuple[Path, Path]:

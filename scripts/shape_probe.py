@@ -139,7 +139,8 @@ def run(tower: str, world: Path, steps: int, lr: float, holdout: int, seed: int,
     return {"tower": tower, "steps": steps, "lr": lr, "overrides": overrides, "pool": pool,
             "warmup": warmup, "aug": aug, "smoothing": smoothing, "batch": batch_size,
             "train_images": len(train_items),
-            "parameters": sum(p.numel() for p in model.parameters()),
+            "parameters": sum(p.numel() for n, p in model.named_parameters()
+                              if not n.startswith("model.") or n.startswith("model.visual.")),
             "train_loss_last100": float(np.mean(losses[-100:])), "chance_loss": float(np.log(4)),
             "heldout_accuracy": correct / len(test_items), "heldout_images": len(test_items),
             "minutes": (time.time() - start) / 60}
