@@ -4,8 +4,9 @@ files out.
 For each input image, `OUT/NAME.png` (label map: 0 background, i = i-th label; palette PNG up to
 255 labels), `OUT/NAME_overlay.jpg` (tinted image + legend) and `OUT/NAME.json` (labels, image
 size, per-label pixel counts and fractions summing to 1 with background, timings, backend). Each
-file is written atomically and the JSON last, so a complete triple is recognisable and
-`skip_existing` skips exactly the images whose triple exists.
+file is written atomically and the JSON last, so a complete triple is recognisable;
+`skip_existing` skips exactly the images whose triple exists and whose JSON records the same
+bundle, labels, threshold and variant (`run_record`).
 
 Everything that can be checked up front is checked before OUT is touched: the inputs exist, the
 labels file is valid, the bundle opens and its engines load on the device. A bad image among

@@ -76,3 +76,22 @@ def test_nothing_cites_files_outside_the_repository() -> None:
             if outside.search(line):
                 offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()[:80]}")
     assert offenders == []
+
+
+def test_install_hints_name_extras_that_exist_and_readme_installs() -> None:
+    import tomllib
+
+    extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+                 ["project"]["optional-dependencies"])
+    readme = README.read_text(encoding="utf-8")
+    named: set[str] = set()
+    for path in _repository_files():
+        if path.suffix == ".py" and path.relative_to(ROOT).parts[0] in ("segclip", "export",
+                                                                         "runtime"):
+            text = path.read_text(encoding="utf-8")
+            named |= set(re.findall(r"pip install 'segclip\[(\w+)\]'", text))
+            assert "raise max_pixels" not in text, path  # the flag is --max-pixels
+    assert named and named <= extras, named - extras
+    assert "`'segclip[extra]'`" in readme  # README says how the two spellings relate
+    for extra in named - {"train"}:
+        assert f"pip install '.[{extra}]'" in readme, extra

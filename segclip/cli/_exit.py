@@ -73,6 +73,10 @@ class SegclipApp(typer.Typer):
     """A typer app whose commands print warnings as single lines and turn a missing optional
     dependency into a one-line error."""
 
+    def command(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("cls", PlainUsageCommand)
+        return super().command(*args, **kwargs)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
             with one_line_warnings():
@@ -83,6 +87,17 @@ class SegclipApp(typer.Typer):
                 raise
             print(message, file=sys.stderr)
             sys.exit(USER_ERROR_EXIT)
+
+
+class PlainUsageCommand(typer.core.TyperCommand):
+    """A command whose usage line names required arguments plainly (`MODEL`, not typer's
+    `{MODEL}`, which reads like a placeholder); optional ones keep their `[...]`, and a metavar
+    that already ends in "..." gets no second one."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = super().collect_usage_pieces(ctx)
+        return [(p[1:].replace("}", "", 1) if p.startswith("{") else p).replace("......", "...")
+                for p in pieces]
 
 
 def new_app(**kwargs: Any) -> SegclipApp:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,7 @@ def _commands() -> list[tuple[str, typer.Typer, list[str]]]:
             ("segclip-convert to-official", convert_app, ["to-official"]),
             ("segclip-export onnx", export_app, ["onnx"]),
             ("segclip-export verify", export_app, ["verify"]),
+            ("segclip-export openvino", export_app, ["openvino"]),
             ("segclip-export trt", export_app, ["trt"]),
             ("segclip-run", run_app, []), ("segclip-serve", serve_app, [])]
 
@@ -54,12 +56,19 @@ def test_help_shows_defaults(name: str, app: typer.Typer, sub: list[str]) -> Non
     text = result.output
     assert "<bool>" not in text  # flags take no value
     assert not re.search(r"\w \.(\s|$)", text), text  # no text eaten before a full stop
-    assert "Usage:" in text and "{model}" not in text
+    usage = text[text.index("Usage:"):].splitlines()[0]
+    assert "{" not in usage and "......" not in usage, usage  # required arguments read plainly
     command = typer.main.get_command(app)
     if sub:
         command = command.commands[sub[0]]
     ctx = command.make_context(name, [], resilient_parsing=True)
     for param in command.params:
+        if "--out" in param.opts:
+            assert "-o" in param.opts, (name, param.opts)
+        if "--progress" in param.opts:
+            assert "--quiet" in param.secondary_opts, (name, param.secondary_opts)
+        if "--device" in param.opts:
+            assert "auto|cpu|cuda|cuda:N" in (param.help or ""), (name, param.help)
         shown = param.default not in (None, False, ()) and not param.required
         if isinstance(param, click.Option) and shown and param.name != "help":
             record = param.get_help_record(ctx)
@@ -233,6 +242,17 @@ def test_skip_existing_redoes_results_of_other_settings(tiny_bundle: Path,
         redone = json.loads((out / "scene.json").read_text())
         assert redone["run"] != first["run"], changed
         first = redone
+    other = tmp_path / "other-bundle"
+    shutil.copytree(tiny_bundle, other)
+    manifest = json.loads((other / "segclip.json").read_text())
+    manifest["note"] = "another export"
+    (other / "segclip.json").write_text(json.dumps(manifest))
+    result = _run("--engine", str(other), "-o", str(out), "--skip-existing", "--label", "cat",
+                  "--variant", "fp16", str(image))
+    assert result.exit_code == 0, result.output
+    redone = json.loads((out / "scene.json").read_text())["run"]
+    assert redone["bundle"] == str(other.resolve()) and redone != first["run"]
+    assert redone["manifest_sha256"] != first["run"]["manifest_sha256"]
 
 
 def test_missing_variant_file_names_the_fix(tiny_bundle: Path, tmp_path: Path) -> None:
@@ -274,3 +294,47 @@ def test_eval_takes_labels_on_the_command_line(tiny_bundle: Path, synth_world: P
     both = runner.invoke(app, [str(tiny_bundle), "--data", str(data), "--classes", "voc",
                                "--label", "cat"])
     assert "either --classes or --label" in one_line(both)
+
+
+def test_export_of_a_bundle_folder_says_what_it_takes(tiny_bundle: Path, tmp_path: Path) -> None:
+    from segclip.export.cli import app
+
+    result = runner.invoke(app, ["onnx", str(tiny_bundle), "-o", str(tmp_path / "b"), "--quiet"])
+    line = one_line(result)
+    assert f"{tiny_bundle} is a bundle folder" in line and "checkpoint (ckpt.pt)" in line, line
+    assert "not found" not in line and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("content,kind", [(b"hello\n", "a text file"),
+                                          (b"cat says hi\n", "a text file")])
+def test_eval_of_a_text_file_names_its_kind(content: bytes, kind: str, synth_world: Path,
+                                            tmp_path: Path) -> None:
+    from segclip.cli.evaluate import app
+
+    bad = tmp_path / "ckpt.pt"
+    bad.write_bytes(content)
+    data = synth_world / "eval"
+    line = one_line(runner.invoke(app, [str(bad), "--data", str(data), "--classes",
+                                        str(data / "classes.txt"), "--quiet"]))
+    assert line == f"error: not a checkpoint: {bad} is {kind}, not a torch.save file", line
+    assert "pickle" not in line and "(101)" not in line
+
+
+def test_summary_time_is_wall_time_with_its_stages(tiny_bundle: Path, tmp_path: Path) -> None:
+    import time
+
+    images = [_image(tmp_path / f"im{i}.png", i, (300, 400)) for i in range(3)]
+    start = time.perf_counter()
+    result = _run("--engine", str(tiny_bundle), "--label", "cat", "-o", str(tmp_path / "o"),
+                  "--confidence", *map(str, images))
+    elapsed_ms = (time.perf_counter() - start) * 1000
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.stdout.splitlines() if x.startswith("mean ms per image"))
+    wall = float(re.search(r"wall ([\d.]+) =", line).group(1))
+    stages = {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+)", line.split("=", 1)[1])}
+    assert "write" in stages and stages["write"] > 0, line
+    assert wall >= sum(stages.values()) - 0.5, line  # the stages are parts of the wall time
+    assert 3 * wall <= elapsed_ms, (line, elapsed_ms)
+    per_image = [json.loads((tmp_path / "o" / f"im{i}.json").read_text())["timings_ms"]
+                 for i in range(3)]  # the segmentation alone: less than the wall time
+    assert sum(t["load"] + t["total"] for t in per_image) / 3 <= wall, (per_image, line)

@@ -111,6 +111,33 @@ def test_torch_commands_name_the_training_extra(runtime_env: Path, tiny_checkpoi
     assert not (tmp_path / "run").exists() and not (tmp_path / "c.pt").exists()
 
 
+# Export subcommands that need another extra as well: one line naming the extra to install.
+NEEDS_AN_EXTRA = [
+    ["segclip-export", "verify", "{bundle}", "{ckpt}"],
+    ["segclip-export", "openvino", "{bundle}", "{ckpt}"],
+    ["segclip-export", "trt", "{bundle}"],
+    ["segclip-convert", "official", "{ckpt}", "-o", "{tmp}/o.pt"],
+    ["segclip-convert", "to-official", "{ckpt}", "-o", "{tmp}/o.bin"],
+]
+
+
+@pytest.mark.parametrize("command", NEEDS_AN_EXTRA, ids=lambda c: "-".join(c[:2]))
+def test_other_commands_name_their_extra(runtime_env: Path, tiny_checkpoint: Path,
+                                         tiny_bundle: Path, tmp_path: Path,
+                                         command: list[str]) -> None:
+    args = [part.format(ckpt=tiny_checkpoint, bundle=tiny_bundle, tmp=tmp_path)
+            for part in command]
+    before = sorted(p.name for p in tiny_bundle.iterdir())
+    result = subprocess.run([str(runtime_env / "bin" / args[0]), *args[1:]],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("error: ") and "pip install 'segclip[" in lines[0], lines[0]
+    assert sorted(p.name for p in tiny_bundle.iterdir()) == before
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_eval_of_a_bundle_works_without_torch(runtime_env: Path, tiny_bundle: Path,
                                               synth_world: Path, tmp_path: Path) -> None:
     data = synth_world / "eval"
