@@ -59,6 +59,31 @@ def onnx_command(
         raise fail(e) from None
 
 
+@app.command("dense")
+def dense_command(
+    clip_weights: Annotated[Path, typer.Argument(metavar="CLIP_WEIGHTS",
+        help="OpenAI CLIP ViT file (ViT-B-16.pt) or open_clip state dict")],
+    mode: Annotated[str, typer.Option(help="naclip | sclip | clearclip | maskclip")]
+    = "naclip",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="bundle directory "
+                                             "[default: 'dense-MODE' beside CLIP_WEIGHTS]")]
+    = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset, 17..20")] = 17,
+    progress: ProgressFlag = True,
+) -> None:
+    """Export a training-free dense CLIP (edited last block) as a bundle of kind "dense"
+    (docs/dense.md)."""
+    try:
+        from segclip.export.dense import export_dense_bundle
+
+        out_dir = out if out is not None else clip_weights.parent / f"dense-{mode}"
+        bundle = export_dense_bundle(clip_weights, out_dir, mode=mode, opset=opset,
+                                     progress=_say(progress))
+        typer.echo(f"dense bundle ({mode}): {bundle}")
+    except SegclipError as e:
+        raise fail(e) from None
+
+
 @app.command("verify")
 def verify_command(
     bundle: Annotated[Path, typer.Argument(metavar="BUNDLE", help="bundle directory")],

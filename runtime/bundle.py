@@ -292,6 +292,12 @@ class Bundle:
         root, requested, variant = _locate(Path(path))
         manifest, sha = _read_manifest(root)
         manifest_path = root / contract.MANIFEST_FILE
+        kind = manifest.get("kind", "segclip")  # absent: a SegCLIP bundle
+        if kind != "segclip":
+            hint = ("; open it with segclip.runtime.dense_segmenter.DenseSegmenter "
+                    "(docs/dense.md)") if kind == "dense" else ""
+            raise BundleError(f"{manifest_path}: bundle kind {kind!r} is not a SegCLIP "
+                              f"bundle{hint}")
         facts = _model_facts(_section(manifest, "model", manifest_path), manifest_path)
         size = facts["image_size"]
         prep = _section(manifest, "preprocessing", manifest_path, required=False)
