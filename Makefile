@@ -12,9 +12,12 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The OpenVINO/NNCF tests run in a second pytest process: in one process with the rest of the
+# suite, the process crashed (SIGSEGV) in later, unrelated tests after NNCF had run.
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check segclip export runtime bench tests
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not openvino"
+	$(PY) -m pytest -q -m openvino
 
 # The pipeline end to end on the synthetic world: export the shipped demo model, segment the
 # held-out eval set with segclip-run, print mIoU (segclip/demo.py). TRAIN=1 trains it first.

@@ -289,8 +289,9 @@ def run_images(engine: str | os.PathLike, labels: str | os.PathLike | Sequence[s
         if todo:
             _check_out(out)
         extra = result_extra(segmenter, record)
-        for item in tqdm(todo, desc="segclip-run", unit="img", disable=not progress,
-                         file=sys.stderr):
+        # A lone image gets no bar: its result or its one error line is all that is shown.
+        for item in tqdm(todo, desc="segclip-run", unit="img",
+                         disable=not progress or len(todo) < 0, file=sys.stderr):
             try:
                 began = time.perf_counter()
                 image = load_image(item.source, max_pixels)  # (H, W, 3) uint8

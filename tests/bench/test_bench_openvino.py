@@ -15,6 +15,8 @@ pytest.importorskip("openvino")
 
 from bench import _summary  # noqa: E402
 
+pytestmark = pytest.mark.openvino  # run in their own process by `make test`
+
 BACKENDS = ["ort-cpu", "torch-bf16", "ov-f32", "ov-bf16", "ov-int8"]
 
 

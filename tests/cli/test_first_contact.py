@@ -199,6 +199,19 @@ def test_a_lone_unreadable_image_prints_one_line_and_writes_nothing(tiny_bundle:
         assert "--max-pixels" in line
 
 
+def test_a_lone_unreadable_image_shows_no_progress_bar(tiny_bundle: Path, tmp_path: Path) -> None:
+    from segclip.runtime.cli import app
+
+    image = tmp_path / "bad.png"
+    image.write_text("hello")
+    result = runner.invoke(app, ["--engine", str(tiny_bundle), "--label", "cat", "-o",
+                                 str(tmp_path / "out"), str(image)])  # progress on (default)
+    line = one_line(result)
+    assert "\r" not in result.stderr and "segclip-run:" not in result.stderr, result.stderr
+    assert line.startswith(f"error: cannot read {image} as an image"), line
+    assert result.stdout == "" and not (tmp_path / "out").exists()
+
+
 def test_labels_on_the_command_line_and_flags(tiny_bundle: Path, tmp_path: Path) -> None:
     image = _image(tmp_path / "scene.png")
     (tmp_path / "labels.txt").write_text("red square\n")

@@ -22,6 +22,8 @@ from segclip.export.errors import ExportError  # noqa: E402
 from segclip.runtime import contract  # noqa: E402
 from segclip.runtime.bundle import Bundle  # noqa: E402
 
+pytestmark = pytest.mark.openvino  # run in their own process by `make test`
+
 runner = CliRunner()
 
 

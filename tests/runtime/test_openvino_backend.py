@@ -26,6 +26,8 @@ from segclip.runtime.bundle import Bundle  # noqa: E402
 from segclip.runtime.errors import BackendUnavailableError, BundleError, EngineError  # noqa: E402
 from segclip.runtime.variants import VARIANTS, parity_status  # noqa: E402
 
+pytestmark = pytest.mark.openvino  # run in their own process by `make test`
+
 BF16 = "BF16" in ov_backend.cpu_capabilities()[1]
 
 
