@@ -1,6 +1,6 @@
-"""Parity of the exported graphs with PyTorch eager (docs/architecture.md "segclip-export onnx ...
-verified
-against PyTorch"; a stated tolerance against a literal reference).
+"""Parity of the exported graphs with PyTorch eager (docs/architecture.md "Bundle contract": a
+bundle is moved into place only once its parity check passed; a stated tolerance against a literal
+reference).
 
 ONNX Runtime (CPU) runs every graph of the bundle on random images and on generated "real-looking"
 ones (smooth coloured shapes on a gradient, like the synthetic world) at batch 1 and 3, and text

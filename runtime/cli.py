@@ -46,10 +46,10 @@ def main(
         "--variant", help=f"Image graph: {'|'.join(VARIANTS)} [default: the file --engine "
         "names, else fp32]; auto: the fastest that passed its parity check.")] = None,
     threads: Annotated[Optional[int], typer.Option(
-        "--threads", help="Intra-op threads of ONNX Runtime / OpenVINO [default: all cores].")
-    ] = None,
+        "--threads", min=1, help="Intra-op threads of ONNX Runtime / OpenVINO [default: all "
+        "cores].")] = None,
     top_k: Annotated[Optional[int], typer.Option(
-        "--top-k", help="Labels kept per window by the global similarity [default: the "
+        "--top-k", min=1, help="Labels kept per window by the global similarity [default: the "
         "bundle's].")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(
         "--cache-dir", help="Also cache label embeddings on disk here.")] = None,
@@ -74,7 +74,7 @@ def main(
     actors: Annotated[int, typer.Option(
         "--actors", help="With --ray: actors in the pool.", rich_help_panel="Ray")] = 1,
     batch_size: Annotated[Optional[int], typer.Option(
-        "--batch-size", help="Windows per image-engine call [default: 16]; with --ray also "
+        "--batch-size", min=1, help="Windows per image-engine call [default: 16]; with --ray also "
         "the images per actor call [default: 4].")] = None,
     num_cpus: Annotated[float, typer.Option(
         "--num-cpus", help="With --ray: CPUs per actor.", rich_help_panel="Ray")] = 1.0,
@@ -91,7 +91,7 @@ def main(
                    "cache_dir": cache_dir, "batch_size": batch_size, "confidence": confidence}
         common = {"threshold": threshold, "device": device,
                   "skip_existing": skip_existing, "max_pixels": max_pixels, "progress": progress,
-                  **{k: v for k, v in options.items() if v not in (None, False)}}
+                  **{k: v for k, v in options.items() if v is not None and v is not False}}
         ray_only = {"--address": address is not None, "--actors": actors != 1,
                     "--num-cpus": num_cpus != 1.0, "--num-gpus": num_gpus is not None}
         if not ray and any(ray_only.values()):

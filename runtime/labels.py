@@ -1,5 +1,5 @@
-"""Candidate labels and their prompts (paper §2.5 "Inference", docs/architecture.md `segclip-run
---labels`).
+"""Candidate labels and their prompts (paper §2.5 "Inference", docs/architecture.md
+"Command contracts").
 
 A labels file holds one label per line, UTF-8 (a leading BOM is allowed). Lines are stripped;
 blank lines and lines starting with `#` are ignored (a `#` later in a line is part of the label).

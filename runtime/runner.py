@@ -291,7 +291,7 @@ def run_images(engine: str | os.PathLike, labels: str | os.PathLike | Sequence[s
         extra = result_extra(segmenter, record)
         # A lone image gets no bar: its result or its one error line is all that is shown.
         for item in tqdm(todo, desc="segclip-run", unit="img",
-                         disable=not progress or len(todo) < 0, file=sys.stderr):
+                         disable=not progress or len(todo) < 2, file=sys.stderr):
             try:
                 began = time.perf_counter()
                 image = load_image(item.source, max_pixels)  # (H, W, 3) uint8

@@ -78,6 +78,31 @@ def test_nothing_cites_files_outside_the_repository() -> None:
     assert offenders == []
 
 
+def test_cited_sections_exist() -> None:
+    """`docs/NAME.md "Section"` (or `§N`) in code and docs names a heading of that page."""
+    cite = re.compile(r'(docs/[\w.-]+\.md),?\s+(?:"([^"]+)"|§(\d+)|`)')
+    headings: dict[str, list[str]] = {}
+    missing, count = [], 0
+    for path in _repository_files():
+        if path.resolve() == Path(__file__).resolve():
+            continue
+        for match in cite.finditer(path.read_text(encoding="utf-8")):
+            page, quoted, number = match.groups()
+            count += 1
+            if quoted is None and number is None:  # a `code span` names no section
+                missing.append(f"{path.relative_to(ROOT)}: {match.group(0)}")
+                continue
+            section = " ".join(quoted.split()) if quoted else f"{number}."
+            if page not in headings:
+                lines = (ROOT / page).read_text(encoding="utf-8").splitlines() \
+                    if (ROOT / page).is_file() else []
+                headings[page] = [line.lstrip("#").strip().replace("`", "") for line in lines
+                                  if line.startswith("#")]
+            if not any(title.startswith(section.replace("`", "")) for title in headings[page]):
+                missing.append(f"{path.relative_to(ROOT)}: {page} \"{section}\"")
+    assert count > 50 and missing == []
+
+
 def test_install_hints_name_extras_that_exist_and_readme_installs() -> None:
     import tomllib
 

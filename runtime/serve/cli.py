@@ -21,6 +21,7 @@ import typer
 
 from segclip.cli._exit import fail, new_app
 from segclip.errors import MissingDependencyError, SegclipError
+from segclip.runtime.variants import VARIANTS
 
 DEFAULT_MAX_PIXELS = 100_000_000  # = segclip.runtime.images.DEFAULT_MAX_PIXELS (kept import-free)
 ENV_CONFIG = "SEGCLIP_SERVE_CONFIG"  # JSON of the options, read by each --workers process
@@ -68,7 +69,8 @@ def main(
         "--device", help="auto|cpu|cuda|cuda:N; auto: TensorRT, else ONNX Runtime CUDA, "
         "else CPU.")] = "auto",
     variant: Annotated[Optional[str], typer.Option(
-        "--variant", help="ONNX Runtime image graph: fp32, fp16 or int8.")] = None,
+        "--variant", help=f"Image graph: {'|'.join(VARIANTS)} [default: the file --engine "
+        "names, else fp32].")] = None,
     max_batch: Annotated[int, typer.Option(
         "--max-batch", help="Images per image-tower call across requests.")] = 16,
     max_wait_ms: Annotated[float, typer.Option(

@@ -1,4 +1,4 @@
-"""Limits and batching knobs of `segclip-serve` (docs/serve.md "Limits")."""
+"""Limits and batching knobs of `segclip-serve` (docs/serve.md "Errors")."""
 
 from __future__ import annotations
 

@@ -19,6 +19,11 @@ import typer
 
 from segclip.errors import SegclipError, one_line
 
+try:  # typer >= 0.2x carries its own copy of click
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+except ImportError:  # older typer uses click itself
+    from click.exceptions import NoArgsIsHelpError, UsageError
+
 USER_ERROR_EXIT = 2
 
 # top-level module -> the extra that installs it
@@ -89,20 +94,60 @@ class SegclipApp(typer.Typer):
             sys.exit(USER_ERROR_EXIT)
 
 
+class OneLineUsageError(UsageError):
+    """A usage error (missing or malformed option, unknown command) shown as one line."""
+
+    def show(self, file: Any = None) -> None:
+        typer.echo(f"error: {self.message}", err=True)
+
+
+def _one_line_usage(error: UsageError) -> UsageError:
+    """`error` as one line naming the help ("(see 'segclip-run --help')"), exit code 2; the help
+    printed for a bare group command stays as it is."""
+    if isinstance(error, (NoArgsIsHelpError, OneLineUsageError)):
+        return error
+    message = " ".join(error.format_message().split()).rstrip(".")
+    message = message[:1].lower() + message[1:]
+    where = error.ctx.command_path if error.ctx is not None else "the command"
+    return OneLineUsageError(f"{message} (see '{where} --help')", ctx=error.ctx)
+
+
 class PlainUsageCommand(typer.core.TyperCommand):
     """A command whose usage line names required arguments plainly (`MODEL`, not typer's
     `{MODEL}`, which reads like a placeholder); optional ones keep their `[...]`, and a metavar
-    that already ends in "..." gets no second one."""
+    that already ends in "..." gets no second one. Its usage errors are one line."""
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         pieces = super().collect_usage_pieces(ctx)
         return [(p[1:].replace("}", "", 1) if p.startswith("{") else p).replace("......", "...")
                 for p in pieces]
 
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().make_context(*args, **kwargs)
+        except UsageError as error:
+            raise _one_line_usage(error) from None
+
+
+class PlainGroup(typer.core.TyperGroup):
+    """A command with subcommands whose usage errors (an unknown subcommand too) are one line."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().make_context(*args, **kwargs)
+        except UsageError as error:
+            raise _one_line_usage(error) from None
+
+    def resolve_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().resolve_command(*args, **kwargs)
+        except UsageError as error:
+            raise _one_line_usage(error) from None
+
 
 def new_app(**kwargs: Any) -> SegclipApp:
     """A command's typer app: plain help with its defaults shown, no pretty tracebacks."""
     options: dict[str, Any] = {"add_completion": False, "pretty_exceptions_enable": False,
-                               "rich_markup_mode": None}
+                               "rich_markup_mode": None, "cls": PlainGroup}
     options.update(kwargs)
     return SegclipApp(**options)

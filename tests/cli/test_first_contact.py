@@ -11,41 +11,46 @@ import subprocess
 import sys
 from pathlib import Path
 
-import click
 import numpy as np
 import pytest
 import typer
 from PIL import Image
+from typer.core import TyperGroup, TyperOption
 from typer.testing import CliRunner
 
 from segclip.cli._exit import missing_extra_message
 from segclip.runtime.devices import parse_device
 from segclip.runtime.errors import EngineError
+from segclip.runtime.variants import VARIANTS
 
 runner = CliRunner()
 NO_GPU = not __import__("torch").cuda.is_available()
 
 
 def _commands() -> list[tuple[str, typer.Typer, list[str]]]:
-    from segclip.cli.convert import app as convert_app
-    from segclip.cli.data import app as data_app
-    from segclip.cli.evaluate import app as eval_app
-    from segclip.cli.train import app as train_app
-    from segclip.export.cli import app as export_app
-    from segclip.runtime.cli import app as run_app
-    from segclip.runtime.serve.cli import app as serve_app
+    """Every console script of pyproject.toml and each of its subcommands."""
+    import importlib
 
-    return [("segclip-train", train_app, []), ("segclip-eval", eval_app, []),
-            ("segclip-data synth", data_app, ["synth"]),
-            ("segclip-data superpixels", data_app, ["superpixels"]),
-            ("segclip-convert official", convert_app, ["official"]),
-            ("segclip-convert clip", convert_app, ["clip"]),
-            ("segclip-convert to-official", convert_app, ["to-official"]),
-            ("segclip-export onnx", export_app, ["onnx"]),
-            ("segclip-export verify", export_app, ["verify"]),
-            ("segclip-export openvino", export_app, ["openvino"]),
-            ("segclip-export trt", export_app, ["trt"]),
-            ("segclip-run", run_app, []), ("segclip-serve", serve_app, [])]
+    import tomllib
+
+    root = Path(__file__).resolve().parents[2]
+    scripts = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))[
+        "project"]["scripts"]
+    found = []
+    for name, target in sorted(scripts.items()):
+        module, attr = target.split(":")
+        app = getattr(importlib.import_module(module), attr)
+        command = typer.main.get_command(app)
+        subs = sorted(command.commands) if isinstance(command, TyperGroup) else [None]
+        found += [(f"{name} {sub}" if sub else name, app, [sub] if sub else []) for sub in subs]
+    return found
+
+
+def test_every_command_is_in_the_help_check() -> None:
+    names = {name for name, _, _ in _commands()}
+    assert {"segclip-run", "segclip-serve", "segclip-train", "segclip-eval",
+            "segclip-export onnx", "segclip-export dense", "segclip-export openvino",
+            "segclip-data synth", "segclip-convert official"} <= names, names
 
 
 @pytest.mark.parametrize("name,app,sub", _commands(), ids=lambda v: v if isinstance(v, str)
@@ -69,10 +74,44 @@ def test_help_shows_defaults(name: str, app: typer.Typer, sub: list[str]) -> Non
             assert "--quiet" in param.secondary_opts, (name, param.secondary_opts)
         if "--device" in param.opts:
             assert "auto|cpu|cuda|cuda:N" in (param.help or ""), (name, param.help)
+        if "--variant" in param.opts:  # the one list of variants, wherever a command takes one
+            assert "|".join(VARIANTS) in (param.help or ""), (name, param.help)
         shown = param.default not in (None, False, ()) and not param.required
-        if isinstance(param, click.Option) and shown and param.name != "help":
+        if isinstance(param, TyperOption) and shown and param.name != "help":
             record = param.get_help_record(ctx)
             assert record is not None and "[default:" in record[1], (name, param.name, record)
+
+
+@pytest.mark.parametrize("name,app,sub", _commands(), ids=lambda v: v if isinstance(v, str)
+                         else "")
+def test_usage_errors_are_one_line(name: str, app: typer.Typer, sub: list[str]) -> None:
+    result = runner.invoke(app, [*sub, "--no-such-flag"], prog_name=name.split()[0])
+    line = one_line(result)
+    assert line.startswith("error: no such option: --no-such-flag"), line
+    assert line.endswith(f"(see '{name} --help')") and "Usage:" not in result.output, line
+
+
+@pytest.mark.parametrize("args,start", [
+    (["--label", "cat", "a.png"], "error: missing option '--engine'"),
+    (["--engine", "b"], "error: missing argument 'IMAGE|DIR...'"),
+    (["--engine", "b", "--threads", "two", "a.png"], "error: invalid value for '--threads'"),
+    (["--engine", "b", "--top-k", "0", "a.png"], "error: invalid value for '--top-k'"),
+    (["--engine", "b", "--batch-size", "0", "a.png"], "error: invalid value for '--batch-size'"),
+])
+def test_run_usage_errors_are_one_line(args: list[str], start: str) -> None:
+    from segclip.runtime.cli import app
+
+    line = one_line(runner.invoke(app, args, prog_name="segclip-run"))
+    assert line.startswith(start) and line.endswith("(see 'segclip-run --help')"), line
+
+
+def test_group_usage_errors_are_one_line_and_a_bare_group_shows_help() -> None:
+    from segclip.export.cli import app
+
+    line = one_line(runner.invoke(app, ["onx"]))
+    assert line.startswith("error: no such command 'onx'") and "'onnx'" in line, line
+    bare = runner.invoke(app, [])
+    assert "Commands:" in bare.output and "onnx" in bare.output and "error:" not in bare.output
 
 
 def test_help_keeps_bracketed_defaults() -> None:

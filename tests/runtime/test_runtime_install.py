@@ -88,6 +88,7 @@ def test_runtime_alone_segments_without_torch(runtime_env: Path, tiny_bundle: Pa
 # Each command in the runtime-only install: works, or one line naming the extra, exit 2.
 NEEDS_TRAIN = [
     ["segclip-export", "onnx", "{ckpt}"],
+    ["segclip-export", "dense", "{ckpt}", "-o", "{tmp}/dense"],
     ["segclip-train", "--config", "tiny", "--data", "{tmp}", "--out", "{tmp}/run"],
     ["segclip-convert", "clip", "{ckpt}", "--out", "{tmp}/c.pt"],
     ["segclip-eval", "{ckpt}", "--data", "{data}", "--classes", "{data}/classes.txt"],
@@ -118,6 +119,7 @@ NEEDS_AN_EXTRA = [
     ["segclip-export", "trt", "{bundle}"],
     ["segclip-convert", "official", "{ckpt}", "-o", "{tmp}/o.pt"],
     ["segclip-convert", "to-official", "{ckpt}", "-o", "{tmp}/o.bin"],
+    ["segclip-serve", "--engine", "{bundle}", "--port", "0"],
 ]
 
 
@@ -138,6 +140,25 @@ def test_other_commands_name_their_extra(runtime_env: Path, tiny_checkpoint: Pat
     assert list(tmp_path.iterdir()) == []
 
 
+# segclip-run options that need an extra: one line naming it, nothing written.
+RUN_NEEDS_AN_EXTRA = {"ray": ["--ray"], "openvino": ["--variant", "ov-f32"]}
+
+
+@pytest.mark.parametrize("extra", sorted(RUN_NEEDS_AN_EXTRA))
+def test_run_options_name_their_extra(runtime_env: Path, tiny_bundle: Path, tmp_path: Path,
+                                      extra: str) -> None:
+    Image.new("RGB", (32, 24), (200, 30, 30)).save(tmp_path / "image.png")
+    result = subprocess.run(
+        [str(runtime_env / "bin" / "segclip-run"), "--engine", str(tiny_bundle), "--label",
+         "cat", "-o", str(tmp_path / "out"), *RUN_NEEDS_AN_EXTRA[extra],
+         str(tmp_path / "image.png")], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("error: ") and f"pip install 'segclip[{extra}]'" in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
 def test_eval_of_a_bundle_works_without_torch(runtime_env: Path, tiny_bundle: Path,
                                               synth_world: Path, tmp_path: Path) -> None:
     data = synth_world / "eval"
@@ -154,7 +175,16 @@ def test_synthetic_world_needs_no_torch(runtime_env: Path, tmp_path: Path) -> No
     assert (tmp_path / "world" / "train" / "pairs.jsonl").is_file()
 
 
-@pytest.mark.parametrize("command", ["segclip-serve", "segclip-run"])
-def test_runtime_commands_show_help(runtime_env: Path, command: str) -> None:
+def _scripts() -> list[str]:
+    import tomllib
+
+    text = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    return sorted(tomllib.loads(text)["project"]["scripts"])
+
+
+@pytest.mark.parametrize("command", _scripts())
+def test_every_command_shows_help(runtime_env: Path, command: str) -> None:
     result = run([str(runtime_env / "bin" / command), "--help"], timeout=120)
-    assert "[default:" in result.stdout
+    assert result.stdout.startswith(f"Usage: {command} ") and "Traceback" not in result.stderr
+    if command in ("segclip-run", "segclip-serve", "segclip-eval", "segclip-train"):
+        assert "[default:" in result.stdout
