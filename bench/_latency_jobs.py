@@ -296,6 +296,9 @@ def run_assign(settings: Settings) -> dict[str, Any]:
 
     bundle = Path(settings.bundle)
     manifest = read_manifest(bundle)
+    if manifest.get("kind") == "dense":  # docs/dense.md: no regions to assign
+        return {"status": "skipped", "reason": "a dense bundle labels pixels with the dense "
+                "protocol (timed by bench/dense.py and in end-to-end segment)"}
     size, context = manifest["model"]["image_size"], manifest["model"]["context_length"]
     scale, top_k = manifest["model"]["logit_scale"], manifest["inference"]["top_k"]
     threshold = manifest["inference"]["threshold"]

@@ -63,12 +63,15 @@ def onnx_command(
 def dense_command(
     clip_weights: Annotated[Path, typer.Argument(metavar="CLIP_WEIGHTS",
         help="OpenAI CLIP ViT file (ViT-B-16.pt) or open_clip state dict")],
-    mode: Annotated[str, typer.Option(help="naclip | sclip | clearclip | maskclip")]
+    mode: Annotated[str, typer.Option(help="naclip | sclip | clearclip | maskclip | scclip")]
     = "naclip",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="bundle directory "
                                              "[default: 'dense-MODE' beside CLIP_WEIGHTS]")]
     = None,
     opset: Annotated[int, typer.Option(help="ONNX opset, 17..20")] = 17,
+    fp16: Annotated[bool, typer.Option("--fp16", help="also write image.fp16.onnx")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="also write image.int8.onnx "
+                                       "(dynamic int8, CPU)")] = False,
     progress: ProgressFlag = True,
 ) -> None:
     """Export a training-free dense CLIP (edited last block) as a bundle of kind "dense"
@@ -78,7 +81,7 @@ def dense_command(
 
         out_dir = out if out is not None else clip_weights.parent / f"dense-{mode}"
         bundle = export_dense_bundle(clip_weights, out_dir, mode=mode, opset=opset,
-                                     progress=_say(progress))
+                                     fp16=fp16, int8=int8, progress=_say(progress))
         typer.echo(f"dense bundle ({mode}): {bundle}")
     except SegclipError as e:
         raise fail(e) from None

@@ -62,16 +62,18 @@ _VIT_BLOCK = re.compile(r"^/resblocks\.(\d+)/")
 _INT8_PRODUCTS = ("MatMulInteger", "DynamicQuantizeMatMul", "QGemm")
 
 
-def convert_fp16(src: Path, dst: Path) -> None:
-    """Write `dst`, the fp16 version of `src` with float32 inputs/outputs."""
+def convert_fp16(src: Path, dst: Path, keep_scope: str | None = None) -> None:
+    """Write `dst`, the fp16 version of `src` with float32 inputs/outputs (`keep_scope`: the
+    nodes whose names start with it also stay float32)."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     model = onnx.load(str(src))
+    nodes = [n.name for n in model.graph.node if keep_scope and n.name.startswith(keep_scope)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "the float32 value will be truncated" for tiny weights
         half = convert_float_to_float16(
-            model, keep_io_types=True,
+            model, keep_io_types=True, node_block_list=nodes,
             op_block_list=sorted({*DEFAULT_OP_BLOCK_LIST, *FP16_KEEP_FLOAT32}))
     graph = OnnxModel(half)
     graph.topological_sort()  # the converter appends its input Casts after their consumers

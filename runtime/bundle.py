@@ -59,6 +59,19 @@ class EngineInfo:
 
 
 @dataclass(frozen=True)
+class DenseFacts:
+    """The protocol of a dense bundle (docs/dense.md): windows, resize and decision defaults."""
+
+    mode: str  # naclip | sclip | clearclip | maskclip | scclip
+    window: int  # S, the graph's input side
+    stride: int  # between windows
+    short_side: int  # the image's short side before the windows (336 for S = 224)
+    logit_scale: float  # multiplies the cosine similarities before the softmax
+    prob_thd: float  # background below this winning probability
+    area_thd: float  # classes covering at most this fraction of the labelled pixels are dropped
+
+
+@dataclass(frozen=True)
 class TensorSpec:
     """Name, shape (int, or str/None/-1 for a dynamic dimension) and dtype of a graph tensor."""
 
@@ -283,6 +296,8 @@ class Bundle:
     requested_engine: str | None = None  # "onnx" / "tensorrt" when opened through that file
     requested_variant: str | None = None  # "fp32" / "fp16" / "int8" / "ov-int8" when opened
     # through that file
+    kind: str = "segclip"  # or contract.DENSE_KIND: a training-free dense CLIP (docs/dense.md)
+    dense: DenseFacts | None = None  # the dense protocol, for kind "dense"
 
     @classmethod
     def open(cls, path: str | os.PathLike | Bundle) -> Bundle:
@@ -293,11 +308,12 @@ class Bundle:
         manifest, sha = _read_manifest(root)
         manifest_path = root / contract.MANIFEST_FILE
         kind = manifest.get("kind", "segclip")  # absent: a SegCLIP bundle
+        if kind == contract.DENSE_KIND:
+            return cls._open_dense(root, manifest, sha, requested, variant)
         if kind != "segclip":
-            hint = ("; open it with segclip.runtime.dense_segmenter.DenseSegmenter "
-                    "(docs/dense.md)") if kind == "dense" else ""
-            raise BundleError(f"{manifest_path}: bundle kind {kind!r} is not a SegCLIP "
-                              f"bundle{hint}")
+            raise BundleError(f"{manifest_path}: unknown bundle kind {kind!r} (this segclip "
+                              f"reads 'segclip' and 'dense' bundles); upgrade segclip or "
+                              f"re-export the bundle")
         facts = _model_facts(_section(manifest, "model", manifest_path), manifest_path)
         size = facts["image_size"]
         prep = _section(manifest, "preprocessing", manifest_path, required=False)
@@ -321,6 +337,48 @@ class Bundle:
         if requested == "tensorrt":
             bundle.engine("image")  # the plan the user named must be a recorded engine
         return bundle
+
+    @classmethod
+    def _open_dense(cls, root: Path, manifest: dict[str, Any], sha: str,
+                    requested: str | None, variant: str | None) -> Bundle:
+        """A bundle of kind "dense" (export/dense.py): its model facts and protocol."""
+        path = root / contract.MANIFEST_FILE
+        model = _section(manifest, "model", path)
+        facts = {k: _positive_int(model, k, "model", path) for k in (
+            "image_size", "patch_size", "embed_dim", "context_length")}
+        size = facts["image_size"]
+        if size % facts["patch_size"]:
+            raise BundleError(f"{path}: model.image_size {size} is not a multiple of "
+                              f"model.patch_size {facts['patch_size']}")
+        prep = _section(manifest, "preprocessing", path)
+        protocol = _section(manifest, "protocol", path)
+        window = _positive_int(prep, "window", "preprocessing", path)
+        if window != size:
+            raise BundleError(f"{path}: preprocessing.window {window} differs from "
+                              f"model.image_size {size}")
+        mode = manifest.get("mode")
+        if not isinstance(mode, str) or not mode:
+            raise BundleError(f"{path}: a dense bundle names its 'mode' (naclip, sclip, ...)")
+        dense = DenseFacts(
+            mode=mode, window=window,
+            stride=_positive_int(prep, "stride", "preprocessing", path),
+            short_side=_positive_int(prep, "resize_short_side", "preprocessing", path),
+            logit_scale=_number(protocol, "logit_scale", "protocol", path, 1e-6,
+                                MAX_LOGIT_SCALE),
+            prob_thd=_number(protocol, "prob_thd", "protocol", path, 0.0, 1.0, 0.0),
+            area_thd=_number(protocol, "area_thd", "protocol", path, 0.0, 1.0, 0.0))
+        if requested == "tensorrt" or variant == "ov-int8":
+            raise BundleError(f"{root} is a dense bundle: it runs on ONNX Runtime (image.onnx, "
+                              f"image.fp16.onnx, image.int8.onnx), not {variant or requested}")
+        return cls(root=root, manifest=manifest, manifest_sha256=sha, image_size=size,
+                   patch_size=facts["patch_size"], grid_size=size // facts["patch_size"],
+                   num_centers=0, embed_dim=facts["embed_dim"],
+                   context_length=facts["context_length"], logit_scale=dense.logit_scale,
+                   mean=_triple(prep, "mean", contract.CLIP_MEAN, path),
+                   std=_triple(prep, "std", contract.CLIP_STD, path),
+                   template="{}", top_k=1, threshold=dense.prob_thd,
+                   files=_files(root, manifest), engines={}, requested_engine=requested,
+                   requested_variant=variant, kind=contract.DENSE_KIND, dense=dense)
 
     @property
     def tokenizer_path(self) -> Path:
@@ -382,7 +440,10 @@ class Bundle:
         tower = "text" if source.startswith("text") else "image"
         size, grid = self.image_size, self.grid_size
         centers, dim = self.num_centers, self.embed_dim
-        if tower == "image":
+        if tower == "image" and self.kind == contract.DENSE_KIND:
+            want_in = {contract.IMAGE_INPUT: ((None, 3, size, size), ("float32",))}
+            want_out = {contract.PATCH_OUTPUT: ((None, grid * grid, dim), ("float32",))}
+        elif tower == "image":
             want_in = {contract.IMAGE_INPUT: ((None, 3, size, size), ("float32",))}
             want_out = {contract.GLOBAL_OUTPUT: ((None, dim), ("float32",)),
                         contract.REGIONS_OUTPUT: ((None, centers, dim), ("float32",)),

@@ -27,6 +27,10 @@ GLOBAL_OUTPUT = "global"
 REGIONS_OUTPUT = "regions"
 ASSIGN_OUTPUT = "assign"
 IMAGE_OUTPUTS = (GLOBAL_OUTPUT, REGIONS_OUTPUT, ASSIGN_OUTPUT)
+# a bundle of kind "dense" (docs/dense.md): one output, float32 [B,h*w,D] L2-normalised patch
+# embeddings, row-major on the h x w grid
+DENSE_KIND = "dense"
+PATCH_OUTPUT = "patch_emb"
 
 # text tower: input int64 [T,C] token ids (int32 accepted by TensorRT engines); output [T,D]
 TEXT_INPUT = "tokens"

@@ -5,8 +5,9 @@ For each input image, `OUT/NAME.png` (label map: 0 background, i = i-th label; p
 255 labels), `OUT/NAME_overlay.jpg` (tinted image + legend) and `OUT/NAME.json` (labels, image
 size, per-label pixel counts and fractions summing to 1 with background, timings, backend). Each
 file is written atomically and the JSON last, so a complete triple is recognisable;
-`skip_existing` skips exactly the images whose triple exists and whose JSON records the same
-bundle, labels, threshold and variant (`run_record`).
+`skip_existing` skips exactly the images whose triple exists (and `NAME_conf.png` when a
+confidence map is asked for) and whose JSON records the same bundle, labels, threshold and variant
+(`run_record`).
 
 Everything that can be checked up front is checked before OUT is touched: the inputs exist, the
 labels file is valid, the bundle opens and its engines load on the device. A bad image among
@@ -187,18 +188,23 @@ def _write_result(item: RunItem, image: Any, result: Any, extra: dict[str, Any])
 
 
 def run_record(engine: str | os.PathLike, names: Sequence[str], threshold: float | None,
-               variant: str | None) -> dict[str, Any]:
+               variant: str | None, dense: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a result depends on: the bundle (folder and manifest hash), the labels, the
-    threshold and the image-graph variant asked for. Every result JSON holds it under "run", and
+    threshold and the image-graph variant asked for (and a dense bundle's options: background
+    names, PAMR, area_thd, logit scale). Every result JSON holds it under "run", and
     `skip_existing` keeps only results whose record is this one."""
     from segclip.runtime.bundle import Bundle
 
     bundle = Bundle.open(engine)
     chosen = bundle.threshold if threshold is None else float(threshold)
-    return {"bundle": str(Path(bundle.root).resolve()),
-            "manifest_sha256": bundle.manifest_sha256,
-            "labels": list(names), "threshold": chosen,
-            "variant": variant or bundle.requested_variant or "default"}
+    record = {"bundle": str(Path(bundle.root).resolve()),
+              "manifest_sha256": bundle.manifest_sha256,
+              "labels": list(names), "threshold": chosen,
+              "variant": variant or bundle.requested_variant or "default"}
+    if dense:
+        record["dense"] = {k: list(v) if isinstance(v, (tuple, list)) else v
+                           for k, v in sorted(dense.items())}
+    return record
 
 
 def up_to_date(json_path: Path, record: dict[str, Any]) -> bool:
@@ -247,6 +253,9 @@ def _discard(item: RunItem) -> None:
             pass
 
 
+DENSE_OPTIONS = ("background", "pamr", "area_thd", "logit_scale")  # DenseSegmenter's own
+
+
 def run_images(engine: str | os.PathLike, labels: str | os.PathLike | Sequence[str],
                inputs: Sequence[str | os.PathLike], out: str | os.PathLike = "out/run",
                threshold: float | None = None, device: str = "auto",
@@ -281,9 +290,12 @@ def run_images(engine: str | os.PathLike, labels: str | os.PathLike | Sequence[s
                            backend_info=segmenter.backend_info, total=len(images))
         items = plan_outputs(images, out)
         record = run_record(segmenter.bundle, names, segmenter.threshold,
-                            segmenter_options.get("variant"))
+                            segmenter_options.get("variant"),
+                            {k: v for k, v in segmenter_options.items() if k in DENSE_OPTIONS})
+        wants_confidence = bool(segmenter_options.get("confidence"))
         todo = [item for item in items
-                if not (skip_existing and item.complete() and up_to_date(item.json, record))]
+                if not (skip_existing and item.complete() and up_to_date(item.json, record)
+                        and (item.confidence_png.is_file() or not wants_confidence))]
         report.skipped = len(items) - len(todo)
         suffix = " (skipped; continuing)" if len(todo) > 1 else ""
         if todo:

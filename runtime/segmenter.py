@@ -91,7 +91,17 @@ def _summary(label_map: np.ndarray, labels: tuple[str, ...]) -> tuple[dict[str, 
 
 
 class Segmenter:
-    """Segments images with a bundle's engines on one device (module docstring)."""
+    """Segments images with a bundle's engines on one device (module docstring).
+
+    A bundle of kind "dense" (docs/dense.md) gives a `DenseSegmenter`
+    (runtime/dense_segmenter.py): the same API on the dense protocol."""
+
+    def __new__(cls, bundle: str | os.PathLike | Bundle, *args: Any, **kwargs: Any) -> Segmenter:
+        if cls is Segmenter and Bundle.open(bundle).kind == "dense":
+            from segclip.runtime.dense_segmenter import DenseSegmenter
+
+            return super().__new__(DenseSegmenter)
+        return super().__new__(cls)
 
     def __init__(self, bundle: str | os.PathLike | Bundle, device: str = "auto",
                  threshold: float | None = None, top_k: int | None = None,

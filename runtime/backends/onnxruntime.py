@@ -143,6 +143,22 @@ class OnnxRuntimeBackend:
                                np.asarray(assign, np.float32))
         return check_image_outputs(outputs, batch.shape[0], self._image_file)
 
+    def run_patches(self, batch: np.ndarray) -> np.ndarray:
+        """(B, 3, S, S) windows -> (B, N, D) patch embeddings: the image graph of a bundle of
+        kind "dense" (docs/dense.md)."""
+        if self._image is None:
+            raise EngineError("this ONNX Runtime backend was loaded for the text graph only")
+        batch = np.ascontiguousarray(batch, dtype=np.float32)  # (B, 3, S, S)
+        (patches,) = self._run(self._image, {contract.IMAGE_INPUT: batch},
+                               [contract.PATCH_OUTPUT])
+        patches = np.asarray(patches, np.float32)
+        want = (batch.shape[0], self.bundle.grid_size ** 2, self.bundle.embed_dim)
+        if patches.shape != want or not np.isfinite(patches).all():
+            raise EngineError(f"{self._image_file} returned patch embeddings {patches.shape} for "
+                              f"a batch of {batch.shape[0]} (expected {want}, finite); "
+                              f"re-export the bundle")
+        return patches
+
     def run_text(self, tokens: np.ndarray) -> np.ndarray:
         tokens = np.ascontiguousarray(tokens, dtype=self._token_dtype)  # (T, C)
         parts = []  # in chunks: activations grow with T (10,000 labels at once take GBs)

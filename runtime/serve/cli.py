@@ -64,7 +64,7 @@ def main(
     engine: Annotated[Path, typer.Option(
         "--engine", help="Bundle directory, or its image.onnx / image.fp16.onnx / image.plan.")],
     host: Annotated[str, typer.Option("--host", help="Address to bind.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="Port to bind.")] = 8000,
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to bind.")] = 8000,
     device: Annotated[str, typer.Option(
         "--device", help="auto|cpu|cuda|cuda:N; auto: TensorRT, else ONNX Runtime CUDA, "
         "else CPU.")] = "auto",
@@ -89,7 +89,7 @@ def main(
     workers: Annotated[int, typer.Option(
         "--workers", help="Server processes, each with its own engine.")] = 1,
     threads: Annotated[Optional[int], typer.Option(
-        "--threads", help="ONNX Runtime intra-op threads per process.")] = None,
+        "--threads", min=1, help="ONNX Runtime intra-op threads per process.")] = None,
     ray: Annotated[bool, typer.Option(
         "--ray", help="Serve on Ray Serve replicas (docs/ray.md).", rich_help_panel="Ray")
     ] = False,

@@ -10,6 +10,9 @@ O(.) = the pretrained out_proj applied after merging the heads:
 - naclip:    out = O(softmax(s k k^T + G) v)                            no residual, no FFN,
              G[i, j] = exp(-|p_i - p_j|^2 / (2 sigma^2)) for patches i, j at grid positions
              p_i, p_j (sigma = 5 patches); G = 0 on the CLS row and column.
+- scclip:    out = O(1/2 (softmax(s k k^T) + softmax(s g g^T)) v)         no residual, no FFN,
+             g = the keys that the same block's ln_1 and in-projection give for the guide
+             tokens (SC-CLIP's mid-layer affinity; segclip/dense/scclip.py picks them).
 
 The result then goes through `ln_post` and `proj` like CLIP's CLS token.
 """
@@ -19,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-MODES = ("naclip", "sclip", "clearclip", "maskclip")
+MODES = ("naclip", "sclip", "clearclip", "maskclip", "scclip")
 
 
 def gaussian_bias(h: int, w: int, sigma: float = 5.0) -> torch.Tensor:
@@ -48,11 +51,19 @@ def _merge(attn: nn.MultiheadAttention, out: torch.Tensor) -> torch.Tensor:
     return attn.out_proj(out)
 
 
+def guide_keys(block: nn.Module, guide: torch.Tensor) -> torch.Tensor:
+    """(B, 1+N, D) guide tokens -> (B, H, 1+N, d) their keys under `block`'s ln_1 and
+    in-projection (the scclip affinity)."""
+    return _heads(block.attn, block.ln_1(guide))[1]
+
+
 def last_block(block: nn.Module, x: torch.Tensor, mode: str,
-               bias: torch.Tensor | None = None) -> torch.Tensor:
+               bias: torch.Tensor | None = None,
+               guide: torch.Tensor | None = None) -> torch.Tensor:
     """The edited last block (module docstring) on (B, 1+N, D) tokens -> (B, 1+N, D).
 
-    `bias` is `gaussian_bias(h, w)` for naclip (ignored by the other modes).
+    `bias` is `gaussian_bias(h, w)` for naclip, `guide` is `guide_keys(block, tokens)` for
+    scclip (each ignored by the other modes).
     """
     if mode not in MODES:
         raise ValueError(f"unknown dense mode {mode!r}; expected one of {', '.join(MODES)}")
@@ -67,6 +78,12 @@ def last_block(block: nn.Module, x: torch.Tensor, mode: str,
         a = (torch.softmax(scale * q @ q.transpose(-1, -2), dim=-1)
              + torch.softmax(scale * k @ k.transpose(-1, -2), dim=-1))  # (B, H, L, L)
         return x + _merge(attn, a @ v)
+    if mode == "scclip":
+        if guide is None:
+            raise ValueError("scclip needs the guide keys (guide_keys(block, tokens))")
+        a = 0.5 * (torch.softmax(scale * k @ k.transpose(-1, -2), dim=-1)
+                   + torch.softmax(scale * guide @ guide.transpose(-1, -2), dim=-1))
+        return _merge(attn, a @ v)
     if bias is None:
         raise ValueError("naclip needs the Gaussian bias (gaussian_bias(h, w))")
     logits = scale * k @ k.transpose(-1, -2) + bias.to(k.dtype)  # (B, H, L, L)

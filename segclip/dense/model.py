@@ -1,7 +1,8 @@
 """DenseCLIP: a plain CLIP ViT image tower with one of the training-free last-block edits.
 
 Image path: conv1 patches -> [CLS; patches] + positions -> ln_pre -> blocks [0, L-1) unchanged
--> `last_block(mode)` (segclip/dense/attention.py) -> ln_post -> proj -> patch tokens
+-> `last_block(mode)` (segclip/dense/attention.py; scclip: the whole token path of
+segclip/dense/scclip.py from the first block) -> ln_post -> proj -> patch tokens
 L2-normalised, (B, N, E) row-major on the h x w grid. Weights are CLIP's `visual.*` tensors
 (OpenAI TorchScript or open_clip state dict, read safely as for `segclip-convert clip`).
 
@@ -19,6 +20,8 @@ from open_clip.model import CLIPVisionCfg, _build_vision_tower
 from torch import nn
 
 from segclip.dense.attention import MODES, gaussian_bias, last_block
+from segclip.dense.outliers import LOF_NEIGHBOURS, AnomalyMask, neighbour_matrix
+from segclip.dense.scclip import ScclipLayers, scclip_tokens
 from segclip.errors import ConversionError
 
 
@@ -39,10 +42,27 @@ class DenseConfig:
         if self.mode not in MODES:
             raise ConversionError(f"unknown dense mode {self.mode!r}; expected one of "
                                   f"{', '.join(MODES)}")
+        if self.mode == "scclip" and (self.layers < 4 or self.grid ** 2 <= LOF_NEIGHBOURS):
+            raise ConversionError(f"scclip needs a tower of at least 4 blocks and more than "
+                                  f"{LOF_NEIGHBOURS} patches; this one has {self.layers} blocks "
+                                  f"and {self.grid ** 2} patches")
 
     @property
     def grid(self) -> int:
         return self.image_size // self.patch_size
+
+
+def patch_embed(images: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(B, 3, S, S) images, (D, 3, P, P) conv1 weight -> (B, N, D) row-major patch tokens.
+
+    CLIP's stride-P convolution as one MatMul over flattened patches: the same values, and
+    no Conv in the exported graph (ONNX Runtime 1.32's NchwcTransformer crashes the process
+    on the fp16 graph's Conv)."""
+    b, c, size, _ = images.shape
+    d, _, p, _ = weight.shape
+    g = size // p
+    patches = images.reshape(b, c, g, p, g, p).permute(0, 2, 4, 1, 3, 5)  # (B, g, g, 3, P, P)
+    return patches.reshape(b, g * g, c * p * p) @ weight.reshape(d, c * p * p).T  # (B, N, D)
 
 
 class DenseCLIP(nn.Module):
@@ -56,18 +76,26 @@ class DenseCLIP(nn.Module):
                             patch_size=c.patch_size, image_size=c.image_size)
         self.visual = _build_vision_tower(c.embed_dim, cfg, quick_gelu=True)
         self.register_buffer("bias", gaussian_bias(c.grid, c.grid, c.sigma), persistent=False)
+        if c.mode == "scclip":
+            self.scclip_layers = ScclipLayers.for_depth(c.layers)
+            self.outliers = AnomalyMask()
+            self.register_buffer("neighbours", neighbour_matrix(c.grid, c.grid),
+                                 persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         v = self.visual
-        x = v.conv1(images)  # (B, D, h, w)
-        x = x.flatten(2).transpose(1, 2)  # (B, N, D)
+        x = patch_embed(images, v.conv1.weight)  # (B, N, D)
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, D)
         x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)  # (B, 1+N, D)
         x = v.ln_pre(x)
         blocks = v.transformer.resblocks
-        for block in blocks[:-1]:
-            x = block(x)
-        x = last_block(blocks[-1], x, self.config.mode, self.bias)  # (B, 1+N, D)
+        if self.config.mode == "scclip":
+            x = scclip_tokens(blocks, x, self.scclip_layers, self.neighbours,
+                              self.outliers)  # (B, 1+N, D)
+        else:
+            for block in blocks[:-1]:
+                x = block(x)
+            x = last_block(blocks[-1], x, self.config.mode, self.bias)  # (B, 1+N, D)
         x = v.ln_post(x[:, 1:]) @ v.proj  # (B, N, E)
         return F.normalize(x, dim=-1)
 

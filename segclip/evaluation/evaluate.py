@@ -79,16 +79,16 @@ def evaluate_model(model: Any, dataset: VocDataset, names: Sequence[str], thresh
 
 def evaluate_bundle(bundle: Path, dataset: VocDataset, names: Sequence[str],
                     threshold: float | None, device: str = "cpu", limit: int | None = None,
-                    progress: bool = False) -> EvalResult:
-    """The same protocol through the torch-free runtime (`segclip.runtime.Segmenter`); a None
-    threshold is the bundle's."""
+                    progress: bool = False, **segmenter_options: Any) -> EvalResult:
+    """The same protocol through the torch-free runtime (`segclip.runtime.Segmenter`; a dense
+    bundle runs its own, docs/dense.md); a None threshold is the bundle's."""
     try:
         from segclip.runtime import Segmenter  # lazy: torch-free, optional here
     except ImportError as e:
         raise SegclipError(f"cannot evaluate the bundle {bundle}: segclip.runtime.Segmenter is "
                            f"not available in this install ({e}); evaluate the checkpoint "
                            "instead or install the runtime") from e
-    segmenter = Segmenter(bundle, device=device, threshold=threshold)
+    segmenter = Segmenter(bundle, device=device, threshold=threshold, **segmenter_options)
     confusion = np.zeros((len(names) + 1,) * 2, np.int64)
     count = min(len(dataset), limit) if limit else len(dataset)
     for index in tqdm(range(count), desc="eval", unit="img", disable=not progress):
@@ -96,6 +96,22 @@ def evaluate_bundle(bundle: Path, dataset: VocDataset, names: Sequence[str],
         label_map = segmenter.segment(sample.image, list(names)).label_map  # (H, W) uint16
         confusion += confusion_matrix(np.asarray(label_map), sample.mask, len(names) + 1)
     return _result(names, confusion, segmenter.threshold, count)
+
+
+def dense_options(bundle: Path, preset: str) -> dict[str, Any] | None:
+    """For a dense bundle, the dense preset of the class preset `preset` (runtime/
+    dense_presets.py: threshold = prob_thd, background names, logit scale, area_thd; only the
+    bundle's defaults for a plain class file); None for a SegCLIP bundle."""
+    from segclip.runtime.bundle import Bundle
+    from segclip.runtime.dense_presets import DENSE_PRESETS
+
+    if Bundle.open(bundle).kind != "dense":
+        return None
+    chosen = DENSE_PRESETS.get(preset)
+    if chosen is None:
+        return {"threshold": None}
+    return {"threshold": chosen.prob_thd, "background": chosen.background,
+            "logit_scale": chosen.logit_scale, "area_thd": chosen.area_thd}
 
 
 def find_held_out(data: Path) -> tuple[str, ...]:
@@ -141,8 +157,11 @@ def evaluate(path: str | Path, data: str | Path,
     if path.is_dir():
         if not (path / MANIFEST_FILE).is_file():
             raise DataError(f"{path} is a directory but not a bundle (no {MANIFEST_FILE})")
-        chosen = threshold if threshold is not None else class_list.threshold
-        result = evaluate_bundle(path, dataset, class_list.names, chosen, device, limit, progress)
+        dense = dense_options(path, class_list.source)  # None: a SegCLIP bundle
+        preset = class_list.threshold if dense is None else dense.pop("threshold")
+        chosen = threshold if threshold is not None else preset
+        result = evaluate_bundle(path, dataset, class_list.names, chosen, device, limit, progress,
+                                 **(dense or {}))
     else:
         from segclip.checkpoint import model_from_payload, read_checkpoint
         from segclip.devices import torch_device

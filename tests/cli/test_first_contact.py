@@ -105,6 +105,20 @@ def test_run_usage_errors_are_one_line(args: list[str], start: str) -> None:
     assert line.startswith(start) and line.endswith("(see 'segclip-run --help')"), line
 
 
+@pytest.mark.parametrize("args,start", [
+    (["--threads", "0"], "error: invalid value for '--threads'"),
+    (["--port", "70000"], "error: invalid value for '--port'"),
+])
+def test_serve_option_bounds_are_one_line(args: list[str], start: str, tmp_path: Path) -> None:
+    from segclip.runtime.serve.cli import app
+
+    # the bundle is missing too: a bound not checked still ends in an error, never a server
+    result = runner.invoke(app, ["--engine", str(tmp_path / "missing"), *args],
+                           prog_name="segclip-serve")
+    line = one_line(result)
+    assert line.startswith(start) and line.endswith("(see 'segclip-serve --help')"), line
+
+
 def test_group_usage_errors_are_one_line_and_a_bare_group_shows_help() -> None:
     from segclip.export.cli import app
 
@@ -305,6 +319,18 @@ def test_skip_existing_redoes_results_of_other_settings(tiny_bundle: Path,
     redone = json.loads((out / "scene.json").read_text())["run"]
     assert redone["bundle"] == str(other.resolve()) and redone != first["run"]
     assert redone["manifest_sha256"] != first["run"]["manifest_sha256"]
+
+
+def test_skip_existing_adds_a_missing_confidence_map(tiny_bundle: Path, tmp_path: Path) -> None:
+    image = _image(tmp_path / "scene.png")
+    base = ["--engine", str(tiny_bundle), "-o", str(tmp_path / "out"), "--label", "cat"]
+    assert _run(*base, str(image)).exit_code == 0
+    assert not (tmp_path / "out" / "scene_conf.png").exists()
+    again = _run(*base, "--skip-existing", "--confidence", str(image))
+    assert again.exit_code == 0 and (tmp_path / "out" / "scene_conf.png").is_file()
+    assert "1       1     0" in again.stdout, again.stdout  # 1 image, 1 done, 0 skipped
+    third = _run(*base, "--skip-existing", "--confidence", str(image))
+    assert "1       0     1" in third.stdout, third.stdout  # now complete: skipped
 
 
 def test_missing_variant_file_names_the_fix(tiny_bundle: Path, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from segclip.errors import ConversionError
 
 SIZE, PATCH = 96, 16  # 6 x 6 grid
 CFG = dict(width=64, layers=3, head_width=16, patch_size=PATCH, image_size=SIZE, embed_dim=32)
+LAST_BLOCK_MODES = [m for m in MODES if m != "scclip"]  # scclip: test_dense_scclip.py
 
 
 def _model(mode: str) -> DenseCLIP:
@@ -111,7 +112,7 @@ def test_gaussian_bias_alone():
     assert torch.allclose(bias, bias.T)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", LAST_BLOCK_MODES)
 def test_mode_matches_literal_reference(mode):
     model = _model(mode)
     images = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
@@ -127,14 +128,14 @@ def test_modes_differ():
     images = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
     outs = []
     with torch.no_grad():
-        for mode in MODES:
+        for mode in LAST_BLOCK_MODES:
             outs.append(_model(mode)(images))
     for i in range(len(outs)):
         for j in range(i + 1, len(outs)):
             assert (outs[i] - outs[j]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", LAST_BLOCK_MODES)
 def test_batch_independent(mode):
     model = _model(mode)
     images = torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
@@ -164,7 +165,7 @@ def test_load_from_open_clip_state_dict(tmp_path):
         dense_from_state(state, "naclip")
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", LAST_BLOCK_MODES)
 def test_onnx_matches_pytorch(tmp_path, mode):
     ort = pytest.importorskip("onnxruntime")
     from segclip.export.dense import export_dense_image_onnx
