@@ -22,7 +22,7 @@ from bench._towers import OrtRunner, Unavailable, read_manifest
 
 
 def _segmenter_kwargs(segmenter_cls: Any, threads: int, variant: str | None) -> dict[str, Any]:
-    names = inspect.signature(segmenter_cls).parameters
+    names = inspect.signature(segmenter_cls.__init__).parameters  # Segmenter has a __new__
     kwargs: dict[str, Any] = {"threads": threads} if "threads" in names else {}
     if variant and "variant" in names:
         kwargs["variant"] = variant
