@@ -20,6 +20,7 @@ import typer
 
 from segclip.cli._exit import fail, new_app
 from segclip.errors import SegclipError
+from segclip.runtime.dense_cli import AreaThd, BackgroundNames, LogitScale, PamrSteps, dense_options
 from segclip.runtime.variants import VARIANTS
 
 DEFAULT_MAX_PIXELS = 100_000_000  # = segclip.runtime.images.DEFAULT_MAX_PIXELS (kept import-free)
@@ -65,18 +66,10 @@ def main(
     max_pixels: Annotated[int, typer.Option(
         "--max-pixels", help="Refuse images with more pixels.")] = DEFAULT_MAX_PIXELS,
     progress: Annotated[bool, typer.Option("--progress/--quiet", help="Progress bar.")] = True,
-    background_names: Annotated[Optional[str], typer.Option(
-        "--background-names", help="Dense bundles: comma-separated stuff names whose pixels are "
-        "background, or a preset: voc.", rich_help_panel="Dense bundles")] = None,
-    pamr: Annotated[int, typer.Option(
-        "--pamr", min=0, help="Dense bundles: PAMR refinement steps (0: off).",
-        rich_help_panel="Dense bundles")] = 0,
-    area_thd: Annotated[Optional[float], typer.Option(
-        "--area-thd", help="Dense bundles: drop labels covering at most this fraction of the "
-        "labelled pixels [default: the bundle's].", rich_help_panel="Dense bundles")] = None,
-    logit_scale: Annotated[Optional[float], typer.Option(
-        "--logit-scale", help="Dense bundles: multiplier of the cosine similarities [default: "
-        "the bundle's].", rich_help_panel="Dense bundles")] = None,
+    background_names: BackgroundNames = None,
+    pamr: PamrSteps = 0,
+    area_thd: AreaThd = None,
+    logit_scale: LogitScale = None,
     ray: Annotated[bool, typer.Option(
         "--ray", help="Run on Ray Data: a pool of actors, one Segmenter each (docs/ray.md).",
         rich_help_panel="Ray")] = False,
@@ -101,7 +94,7 @@ def main(
         names = _label_list(labels, label)
         options = {"variant": variant, "threads": threads, "top_k": top_k,
                    "cache_dir": cache_dir, "batch_size": batch_size, "confidence": confidence,
-                   **_dense_options(engine, background_names, pamr, area_thd, logit_scale)}
+                   **dense_options(engine, background_names, pamr, area_thd, logit_scale)}
         common = {"threshold": threshold, "device": device,
                   "skip_existing": skip_existing, "max_pixels": max_pixels, "progress": progress,
                   **{k: v for k, v in options.items() if v is not None and v is not False}}
@@ -129,26 +122,6 @@ def main(
             typer.echo(f"error: {len(report.failed)} of {report.total} images failed (listed "
                        f"above)", err=True)
         raise typer.Exit(code=2)
-
-
-def _dense_options(engine: Path, background: str | None, pamr: int, area_thd: float | None,
-                   logit_scale: float | None) -> dict:
-    """The dense-bundle flags given, as `DenseSegmenter` options; refused for a SegCLIP bundle."""
-    given = {"--background-names": background is not None, "--pamr": pamr > 0,
-             "--area-thd": area_thd is not None, "--logit-scale": logit_scale is not None}
-    if not any(given.values()):
-        return {}
-    from segclip.errors import ConfigError
-    from segclip.runtime.bundle import Bundle
-    from segclip.runtime.dense_presets import background_names
-
-    if Bundle.open(engine).kind != "dense":
-        flags = ", ".join(name for name, set_ in given.items() if set_)
-        raise ConfigError(f"{flags} only apply to dense bundles (segclip-export dense); "
-                          f"{engine} is a SegCLIP bundle")
-    options = {"background": background_names(background) if background else None,
-               "pamr": pamr or None, "area_thd": area_thd, "logit_scale": logit_scale}
-    return {k: v for k, v in options.items() if v is not None}
 
 
 def _label_list(labels_file: Path | None, extra: list[str] | None) -> list[str]:

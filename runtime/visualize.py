@@ -61,6 +61,9 @@ def _save(path: str | os.PathLike, image: Image.Image, **options) -> Path:
                           f"writable") from e
 
 
+PNG_LEVEL = 1  # zlib level of label-map PNGs: a third of level 6's time for ~15 % more bytes
+
+
 def label_map_image(label_map: np.ndarray, num_labels: int) -> Image.Image:
     """The PIL image `write_label_png` saves: "P" with the palette, or 16-bit greyscale."""
     label_map = _check_label_map(label_map, num_labels)
@@ -73,7 +76,8 @@ def label_map_image(label_map: np.ndarray, num_labels: int) -> Image.Image:
 
 def write_label_png(path: str | os.PathLike, label_map: np.ndarray, num_labels: int) -> Path:
     """Write the (H, W) label map (0 = background, i = i-th of `num_labels` labels) as PNG."""
-    return _save(path, label_map_image(label_map, num_labels), format="PNG", optimize=False)
+    return _save(path, label_map_image(label_map, num_labels), format="PNG", optimize=False,
+                 compress_level=PNG_LEVEL)
 
 
 def write_confidence_png(path: str | os.PathLike, confidence: np.ndarray) -> Path:

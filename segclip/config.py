@@ -25,6 +25,7 @@ class ModelConfig:
     vision_layers: int = 12
     vision_heads: int = 12
     vision_mlp_ratio: float = 4.0
+    patch_stem: str = "linear"  # "conv": a small CNN instead of the linear patch embedding
     # semantic group module after `group_layer` blocks; the remaining blocks run on regions
     group_layer: int = 10
     num_centers: int = 8
@@ -59,6 +60,9 @@ class ModelConfig:
         if self.image_size % self.patch_size:
             raise ConfigError(f"image_size must be a multiple of patch_size ({self.patch_size}), "
                               f"got {self.image_size}")
+        stem_problem = check_stem(self.patch_stem, self.patch_size)
+        if stem_problem:
+            raise ConfigError(stem_problem)
         if not 1 <= self.group_layer <= self.vision_layers:
             raise ConfigError(f"group_layer must be in [1, vision_layers={self.vision_layers}], "
                               f"got {self.group_layer}")
@@ -113,6 +117,18 @@ class ModelConfig:
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
         check_fields(cls, values)
         return cls(**values)
+
+
+PATCH_STEMS = ("linear", "conv")  # segclip/model/stem.py
+
+
+def check_stem(stem: str, patch_size: int) -> str | None:
+    """Why `stem` cannot embed `patch_size` patches, or None."""
+    if stem not in PATCH_STEMS:
+        return f"patch_stem must be one of {PATCH_STEMS}, got {stem!r}"
+    if stem == "conv" and (patch_size < 2 or patch_size & (patch_size - 1)):
+        return f"patch_stem 'conv' needs a power-of-two patch_size >= 2, got {patch_size}"
+    return None
 
 
 def check_fields(cls: type, names: Iterable[str]) -> None:

@@ -21,6 +21,7 @@ import typer
 
 from segclip.cli._exit import fail, new_app
 from segclip.errors import MissingDependencyError, SegclipError
+from segclip.runtime.dense_cli import AreaThd, BackgroundNames, LogitScale, PamrSteps, dense_options
 from segclip.runtime.variants import VARIANTS
 
 DEFAULT_MAX_PIXELS = 100_000_000  # = segclip.runtime.images.DEFAULT_MAX_PIXELS (kept import-free)
@@ -50,7 +51,8 @@ def create_app(config: dict[str, Any]) -> Any:
     settings = ServeSettings(**{**config["settings"],
                                 "api_keys": frozenset(config["settings"]["api_keys"])})
     segmenter = Segmenter(config["engine"], device=config["device"], variant=config["variant"],
-                          max_pixels=settings.max_pixels, threads=config["threads"])
+                          max_pixels=settings.max_pixels, threads=config["threads"],
+                          **config.get("dense", {}))
     return build_app(LocalEngine(segmenter, settings), settings)
 
 
@@ -90,6 +92,10 @@ def main(
         "--workers", help="Server processes, each with its own engine.")] = 1,
     threads: Annotated[Optional[int], typer.Option(
         "--threads", min=1, help="ONNX Runtime intra-op threads per process.")] = None,
+    background_names: BackgroundNames = None,
+    pamr: PamrSteps = 0,
+    area_thd: AreaThd = None,
+    logit_scale: LogitScale = None,
     ray: Annotated[bool, typer.Option(
         "--ray", help="Serve on Ray Serve replicas (docs/ray.md).", rich_help_panel="Ray")
     ] = False,
@@ -118,8 +124,9 @@ def main(
         settings = ServeSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, queue=queue,
                                  timeout_s=timeout_s, max_body_mb=max_body_mb,
                                  max_pixels=max_pixels, api_keys=keys)
+        dense = dense_options(engine, background_names, pamr, area_thd, logit_scale)
         config = {"engine": str(engine), "device": device, "variant": variant,
-                  "threads": threads,
+                  "threads": threads, "dense": dense,
                   "settings": {**asdict(settings), "api_keys": sorted(keys)}}
         ray_only = {"--address": address is not None, "--replicas": replicas != 1,
                     "--max-replicas": max_replicas is not None, "--num-cpus": num_cpus != 1.0,
@@ -136,7 +143,8 @@ def main(
             serve_forever(RayServeOptions(
                 bundle=str(engine), device=device, variant=variant, threads=threads,
                 replicas=replicas, max_replicas=max_replicas, num_cpus=num_cpus,
-                num_gpus=num_gpus, settings=settings), host=host, port=port, address=address)
+                num_gpus=num_gpus, settings=settings, dense=dense), host=host, port=port,
+                address=address)
             return
         application = create_app(config)  # opens the bundle and loads the engines: fail here
     except SegclipError as e:

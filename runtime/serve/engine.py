@@ -176,7 +176,12 @@ class LocalEngine:
                        for k, v in seg.backend_info.items()},
             "windows_per_call": seg.batch_size,
             "variant": seg.backend_info.get("variant"),
+            "kind": bundle.kind,
         }
+        dense = getattr(seg, "settings", None)  # a DenseSegmenter's decision rule
+        if bundle.kind == "dense" and dense is not None:
+            facts["dense"] = {"background": list(seg.background), "pamr": dense.pamr_steps,
+                              "area_thd": dense.area_thd, "logit_scale": dense.logit_scale}
         return facts
 
     async def close(self) -> None:

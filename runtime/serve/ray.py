@@ -57,6 +57,7 @@ class RayServeOptions:
     num_gpus: float = 0.0  # per replica
     name: str = APP_NAME  # Serve application name (and of its label-set store)
     settings: ServeSettings = field(default_factory=ServeSettings)
+    dense: dict[str, Any] = field(default_factory=dict)  # DenseSegmenter options (dense bundles)
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -222,7 +223,7 @@ def _deployment(serve: Any, options: RayServeOptions) -> Any:
             threads = options.threads or max(1, int(options.num_cpus))
             segmenter = Segmenter(options.bundle, device=options.device,
                                   variant=options.variant, max_pixels=settings.max_pixels,
-                                  threads=threads)
+                                  threads=threads, **options.dense)
             self.engine = RayEngine(segmenter, settings, serve)
             self.settings = settings
             self.label_sets = SharedLabelSets(settings.label_sets,

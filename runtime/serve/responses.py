@@ -17,15 +17,17 @@ from typing import Any
 import numpy as np
 
 from segclip.runtime.segmenter import SegmentResult
-from segclip.runtime.visualize import label_map_image, overlay_image
+from segclip.runtime.visualize import PNG_LEVEL, label_map_image, overlay_image
 
 OVERLAY_QUALITY = 90  # = segclip-run's overlay JPEG quality
 
 
 def label_png(label_map: np.ndarray, num_labels: int) -> bytes:
-    """The label-map PNG of `segclip-run` (palette up to 255 labels, else 16-bit grey)."""
+    """The label-map PNG of `segclip-run`, byte for byte (palette up to 255 labels, else
+    16-bit grey)."""
     buffer = io.BytesIO()
-    label_map_image(label_map, num_labels).save(buffer, format="PNG", optimize=False)
+    label_map_image(label_map, num_labels).save(buffer, format="PNG", optimize=False,
+                                                compress_level=PNG_LEVEL)
     return buffer.getvalue()
 
 

@@ -55,6 +55,11 @@ class TrainConfig:
     # curriculum: the first `curriculum_steps` steps draw only single-object images (needs the
     # synthetic world's meta.jsonl beside pairs.jsonl)
     curriculum_steps: int = 0
+    # hard negatives: batches made of runs of this many images with the same object colours, so
+    # captions in a batch differ in shape (needs meta.jsonl; 0 or 1: plain shuffling)
+    colour_groups: int = 0
+    # "objects": train on captions rebuilt from meta.jsonl that only name the objects
+    captions: str = "given"
     # run control
     seed: int = 42
     amp: bool = False  # bf16 autocast on CPU, fp16 autocast + GradScaler on CUDA
@@ -63,7 +68,8 @@ class TrainConfig:
     log_every: int = 10  # steps between metrics.jsonl lines
 
     def __post_init__(self) -> None:
-        for name in ("steps", "epochs", "curriculum_steps", "num_workers", "ckpt_every"):
+        for name in ("steps", "epochs", "curriculum_steps", "colour_groups", "num_workers",
+                     "ckpt_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.steps == 0 and self.epochs == 0:
@@ -80,6 +86,8 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.captions not in ("given", "objects"):
+            raise ConfigError(f"captions must be 'given' or 'objects', got {self.captions!r}")
         if self.lower_lr_scope not in LOWER_LR_SCOPES:
             raise ConfigError(f"lower_lr_scope must be one of {LOWER_LR_SCOPES}, got "
                               f"{self.lower_lr_scope!r}")

@@ -47,7 +47,7 @@ from segclip.errors import (
 )
 from segclip.model import LossWeights, SegCLIP
 from segclip.training.config import TrainConfig
-from segclip.training.data import StepBatchSampler, plan_phases
+from segclip.training.data import StepBatchSampler, object_captions, plan_phases
 from segclip.training.distributed import (
     DistInfo,
     all_true,
@@ -198,8 +198,10 @@ def _setup(info: DistInfo, model_config: ModelConfig | None, config: TrainConfig
         image_size=model_config.image_size, patch_size=model_config.patch_size,
         context_length=model_config.train_context_length, seed=config.seed,
         superpixels=config.superpixel_kl_weight > 0))
+    if config.captions == "objects":
+        object_captions(dataset)
     phases = plan_phases(dataset, config.steps, config.epochs, config.curriculum_steps,
-                         config.batch_size, info.world_size)
+                         config.batch_size, info.world_size, config.colour_groups)
     optimizer = build_optimizer(model, config)
     step, skipped, elapsed = 0, 0, 0.0
     if state is not None:

@@ -107,6 +107,48 @@ def test_segclip_serve_dense(dense_bundle, tmp_path):
     assert body["labels"] == LABELS and np.array_equal(got, want)
 
 
+def test_segclip_serve_dense_flags(dense_bundle, tmp_path):
+    """--background-names, --pamr, --area-thd and --logit-scale of segclip-serve give
+    `Segmenter`'s label map with the same options, and /v1/model reports them."""
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    sys.path.insert(0, str(Path(__file__).parent / "serve"))
+    from _serve_support import serve
+
+    from segclip.runtime import Segmenter
+
+    image = _image(tmp_path / "c.png", 3, 64, 100)
+    options = {"background": ("sky", "wall"), "pamr": 2, "area_thd": 0.05, "logit_scale": 40.0}
+    with Segmenter(dense_bundle, device="cpu", threshold=0.2, **options) as seg:
+        want = seg.segment(image, LABELS).label_map
+    with Segmenter(dense_bundle, device="cpu", threshold=0.2) as seg:
+        plain = seg.segment(image, LABELS).label_map
+    assert not np.array_equal(want, plain)  # the options matter for this image
+    flags = ["--background-names", "sky, wall", "--pamr", "2", "--area-thd", "0.05",
+             "--logit-scale", "40"]
+    with serve(dense_bundle, tmp_path, *flags) as server, httpx.Client(base_url=server.url,
+                                                                        timeout=60) as client:
+        response = client.post("/v1/segment", json={
+            "image": base64.b64encode((tmp_path / "c.png").read_bytes()).decode(),
+            "labels": LABELS, "threshold": 0.2})
+        assert response.status_code == 200, response.text
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(
+            response.json()["label_map"]["data"]))))
+        model = client.get("/v1/model").json()
+    assert np.array_equal(got, want)
+    assert model["kind"] == "dense" and model["dense"] == {
+        "background": ["sky", "wall"], "pamr": 2, "area_thd": 0.05, "logit_scale": 40.0}
+
+
+def test_segclip_serve_refuses_dense_flags_for_segclip_bundles(tiny_bundle):
+    pytest.importorskip("fastapi")
+    from segclip.runtime.serve.cli import app
+
+    result = CliRunner().invoke(app, ["--engine", str(tiny_bundle), "--pamr", "3"])
+    assert result.exit_code == 2 and "--pamr only apply to dense bundles" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_segclip_eval_dense_preset(dense_bundle, tmp_path):
     """segclip-eval on a dense bundle: the dense preset's background names and thresholds, and
     the confusion of Segmenter's label maps."""

@@ -220,3 +220,11 @@ def test_torchrun_two_processes(synth_world: Path, tmp_path: Path) -> None:
     assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"],
                                                       state["rng"][1]["torch"])
     assert load_checkpoint(tmp_path / "ddp/ckpt.pt").config.image_size == 32
+
+
+def test_colour_groups_and_object_captions_train(synth_world: Path, tmp_path: Path) -> None:
+    config = TrainConfig(steps=3, batch_size=8, colour_groups=4, captions="objects", **SCRATCH)
+    run = train(small_config(), config, [synth_world], tmp_path / "run", progress=False)
+    assert sorted(run.losses) == [1, 2, 3] and all(math.isfinite(v) for v in run.losses.values())
+    stored = load_train_state(tmp_path / "run/train_state.pt")["train_config"]
+    assert stored["colour_groups"] == 4 and stored["captions"] == "objects"

@@ -1,0 +1,76 @@
+"""The convolutional patch stem (`patch_stem="conv"`, segclip/model/stem.py): config checks, the
+stem written out literally, a checkpoint round trip, and an ONNX export that passes parity and runs
+in the torch-free Segmenter."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from segclip.config import ModelConfig
+from segclip.errors import ConfigError
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"patch_stem": "resnet"}, "patch_stem must be one of"),
+    ({"patch_stem": "conv", "patch_size": 6, "image_size": 60}, "power-of-two patch_size"),
+])
+def test_bad_stems_are_config_errors(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.preset("tiny", **overrides)
+
+
+def literal_stem(stem: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """log2(P) x (3x3 conv, ReLU, 2x2 max-pool), then a 1x1 conv, from the weights by hand."""
+    convs = [m for m in stem.modules() if isinstance(m, torch.nn.Conv2d)]
+    x = images  # (B, 3, H, W)
+    for conv in convs[:-1]:
+        x = F.max_pool2d(F.relu(F.conv2d(x, conv.weight, conv.bias, padding=1)), 2)
+    last = convs[-1]
+    return torch.einsum("bchw,dc->bdhw", x, last.weight[:, :, 0, 0]) + last.bias[:, None, None]
+
+
+@pytest.mark.parametrize("size", [(64, 64), (70, 90)])
+def test_conv_stem_tokens(make_tiny_model: Callable, size: tuple[int, int]) -> None:
+    model = make_tiny_model(patch_stem="conv")
+    images = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        tokens, h, w = model.embed_patches(images)  # (B, N, D)
+        grid = literal_stem(model.visual.conv1, images)  # (B, D, h, w)
+    assert (h, w) == (size[0] // 8, size[1] // 8) == grid.shape[-2:]
+    expected = model.visual.ln_pre(grid.flatten(2).transpose(1, 2)
+                                   + model.patch_positions(h, w))
+    assert torch.allclose(tokens, expected, atol=1e-5)
+    linear = make_tiny_model()
+    assert isinstance(linear.visual.conv1, torch.nn.Conv2d)  # the default is unchanged
+
+
+def test_conv_stem_checkpoint_round_trip(make_tiny_model: Callable, tmp_path: Path) -> None:
+    from segclip.checkpoint import load_checkpoint, save_checkpoint
+
+    model = make_tiny_model(patch_stem="conv")
+    loaded = load_checkpoint(save_checkpoint(model, tmp_path / "ckpt.pt"))
+    assert loaded.config.patch_stem == "conv"
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.embed_patches(images)[0], loaded.embed_patches(images)[0])
+
+
+def test_conv_stem_exports_and_runs_without_torch(make_tiny_model: Callable,
+                                                  tmp_path: Path) -> None:
+    from segclip.export import export_model
+    from segclip.runtime import Segmenter
+
+    model = make_tiny_model(patch_stem="conv")
+    bundle = export_model(model, tmp_path / "bundle")
+    parity = json.loads((bundle / "segclip.json").read_text())["parity"]
+    assert parity["passed"], parity["failures"]
+    image = (np.random.default_rng(0).random((70, 90, 3)) * 255).astype(np.uint8)
+    result = Segmenter(bundle, device="cpu").segment(image, ["red circle", "blue star"])
+    assert result.label_map.shape == (70, 90)
