@@ -25,7 +25,7 @@ class ModelConfig:
     vision_layers: int = 12
     vision_heads: int = 12
     vision_mlp_ratio: float = 4.0
-    patch_stem: str = "linear"  # "conv": a small CNN instead of the linear patch embedding
+    patch_stem: str = "linear"  # "conv" / "hybrid": a small CNN instead of / beside it
     # semantic group module after `group_layer` blocks; the remaining blocks run on regions
     group_layer: int = 10
     num_centers: int = 8
@@ -119,15 +119,15 @@ class ModelConfig:
         return cls(**values)
 
 
-PATCH_STEMS = ("linear", "conv")  # segclip/model/stem.py
+PATCH_STEMS = ("linear", "conv", "hybrid")  # segclip/model/stem.py
 
 
 def check_stem(stem: str, patch_size: int) -> str | None:
     """Why `stem` cannot embed `patch_size` patches, or None."""
     if stem not in PATCH_STEMS:
         return f"patch_stem must be one of {PATCH_STEMS}, got {stem!r}"
-    if stem == "conv" and (patch_size < 2 or patch_size & (patch_size - 1)):
-        return f"patch_stem 'conv' needs a power-of-two patch_size >= 2, got {patch_size}"
+    if stem != "linear" and (patch_size < 2 or patch_size & (patch_size - 1)):
+        return f"patch_stem {stem!r} needs a power-of-two patch_size >= 2, got {patch_size}"
     return None
 
 

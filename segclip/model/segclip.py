@@ -28,7 +28,7 @@ from segclip.losses import (
 )
 from segclip.model.grouping import GroupOutput, SemanticGroup
 from segclip.model.reconstruction import Reconstruction, patchify, random_patch_mask
-from segclip.model.stem import ConvStem
+from segclip.model.stem import ConvStem, HybridStem
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,8 @@ class SegCLIP(nn.Module):
         self.visual = _build_vision_tower(c.embed_dim, vision_cfg, quick_gelu=True)
         if c.patch_stem == "conv":  # segclip/model/stem.py
             self.visual.conv1 = ConvStem(c.vision_width, c.patch_size)
+        elif c.patch_stem == "hybrid":
+            self.visual.conv1 = HybridStem(self.visual.conv1, c.vision_width, c.patch_size)
         text = _build_text_tower(c.embed_dim, text_cfg, quick_gelu=True)
         self.transformer = text.transformer
         self.token_embedding = text.token_embedding

@@ -51,23 +51,44 @@ def test_conv_stem_tokens(make_tiny_model: Callable, size: tuple[int, int]) -> N
     assert isinstance(linear.visual.conv1, torch.nn.Conv2d)  # the default is unchanged
 
 
-def test_conv_stem_checkpoint_round_trip(make_tiny_model: Callable, tmp_path: Path) -> None:
+def test_hybrid_stem_starts_as_the_linear_one_and_learns(make_tiny_model: Callable) -> None:
+    model = make_tiny_model(patch_stem="hybrid")
+    stem = model.visual.conv1
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(stem(images), stem.linear(images))  # the CNN's last conv starts at zero
+    with torch.no_grad():
+        stem.conv.project.weight.normal_(std=0.1)
+        expected = stem.linear(images) + literal_stem(stem.conv, images)
+    assert torch.allclose(stem(images), expected, atol=1e-5)
+    model.train()
+    fresh = make_tiny_model(patch_stem="hybrid").train()
+    fresh.visual.conv1(images).square().mean().backward()
+    assert fresh.visual.conv1.conv.project.weight.grad.abs().max() > 0  # it can leave zero
+
+
+@pytest.mark.parametrize("stem", ["conv", "hybrid"])
+def test_conv_stem_checkpoint_round_trip(make_tiny_model: Callable, tmp_path: Path,
+                                         stem: str) -> None:
     from segclip.checkpoint import load_checkpoint, save_checkpoint
 
-    model = make_tiny_model(patch_stem="conv")
+    model = make_tiny_model(patch_stem=stem)
     loaded = load_checkpoint(save_checkpoint(model, tmp_path / "ckpt.pt"))
-    assert loaded.config.patch_stem == "conv"
+    assert loaded.config.patch_stem == stem
     images = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(model.embed_patches(images)[0], loaded.embed_patches(images)[0])
 
 
-def test_conv_stem_exports_and_runs_without_torch(make_tiny_model: Callable,
-                                                  tmp_path: Path) -> None:
+@pytest.mark.parametrize("stem", ["conv", "hybrid"])
+def test_conv_stem_exports_and_runs_without_torch(make_tiny_model: Callable, tmp_path: Path,
+                                                  stem: str) -> None:
     from segclip.export import export_model
     from segclip.runtime import Segmenter
 
-    model = make_tiny_model(patch_stem="conv")
+    model = make_tiny_model(patch_stem=stem)
+    if stem == "hybrid":  # a trained hybrid stem: the CNN part contributes
+        with torch.no_grad():
+            model.visual.conv1.conv.project.weight.normal_(std=0.05)
     bundle = export_model(model, tmp_path / "bundle")
     parity = json.loads((bundle / "segclip.json").read_text())["parity"]
     assert parity["passed"], parity["failures"]
