@@ -7,7 +7,8 @@
 Starts `segclip-serve` on 127.0.0.1 (a free port) and, in this process, a `Segmenter` on the same
 bundle with the same threads. Each round runs, for every concurrency level, first the direct
 baseline and then the server, so load from other work hits both alike: at concurrency 1 the
-baseline is `Segmenter.segment` on the encoded image (decoding included) one request at a time;
+baseline is `Segmenter.segment` on the encoded image (decoding included), alternated request by
+request with the server (each pair's server / direct ratio is reported too);
 at concurrency c > 1 it is `Segmenter.segment_batch` on chunks of min(c, max_batch) images. The
 server gets `--requests` requests per level and round from c client threads (httpx, keep-alive,
 multipart, the label map PNG in the response). Reported per level: requests/s, client latency
@@ -137,29 +138,54 @@ def run_direct(segmenter: Any, images: list[bytes], labels: list[str], requests:
     return {"latencies_s": latencies, "wall_s": wall, "images": requests, "chunk": chunk}
 
 
+def _post(session: Any, data: bytes, labels: list[str]) -> tuple[float, int, dict[str, Any]]:
+    """One multipart request: (latency s, status, JSON body or {})."""
+    start = time.perf_counter()
+    response = session.post("/v1/segment", data={"labels": json.dumps(labels)},
+                            files={"image": ("image.jpg", data, "image/jpeg")})
+    latency = time.perf_counter() - start
+    return latency, response.status_code, response.json() if response.status_code == 200 else {}
+
+
 def run_server(url: str, images: list[bytes], labels: list[str], requests: int,
                concurrency: int) -> dict[str, Any]:
     import httpx
 
-    form = {"labels": json.dumps(labels)}
-
     def client(worker: int) -> list[tuple[float, int, dict[str, Any]]]:
-        out = []
         with httpx.Client(base_url=url, timeout=300) as session:
-            for index in range(worker, requests, concurrency):
-                data = images[index % len(images)]
-                start = time.perf_counter()
-                response = session.post("/v1/segment", data=form,
-                                        files={"image": ("image.jpg", data, "image/jpeg")})
-                latency = time.perf_counter() - start
-                body = response.json() if response.status_code == 200 else {}
-                out.append((latency, response.status_code, body))
-        return out
+            return [_post(session, images[index % len(images)], labels)
+                    for index in range(worker, requests, concurrency)]
 
     began = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         results = [r for rs in pool.map(client, range(concurrency)) for r in rs]
     wall = time.perf_counter() - began
+    return _server_result(results, wall)
+
+
+def run_paired(segmenter: Any, url: str, images: list[bytes], labels: list[str],
+               requests: int) -> tuple[dict[str, Any], dict[str, Any], list[float]]:
+    """Concurrency 1 as pairs: each image through `Segmenter.segment`, then at once through the
+    server, so both see the same moment's load; also each pair's server / direct ratio."""
+    import httpx
+    from PIL import Image
+
+    direct, served, ratios = [], [], []
+    with httpx.Client(base_url=url, timeout=300) as session:
+        for index in range(requests):
+            data = images[index % len(images)]
+            start = time.perf_counter()
+            segmenter.segment(Image.open(io.BytesIO(data)), labels)
+            direct.append(time.perf_counter() - start)
+            served.append(_post(session, data, labels))
+            if served[-1][1] == 200:
+                ratios.append(served[-1][0] / direct[-1])
+    return ({"latencies_s": direct, "wall_s": sum(direct), "images": requests, "chunk": 1},
+            _server_result(served, sum(r[0] for r in served)), ratios)
+
+
+def _server_result(results: list[tuple[float, int, dict[str, Any]]],
+                   wall: float) -> dict[str, Any]:
     return {"latencies_s": [r[0] for r in results if r[1] == 200], "wall_s": wall,
             "errors": sum(r[1] != 200 for r in results), "requests": len(results),
             "error_statuses": sorted(r[1] for r in results if r[1] != 200),
@@ -200,6 +226,7 @@ def summarize_level(direct: list[dict], server: list[dict]) -> dict[str, Any]:
 def collect(args: argparse.Namespace) -> dict[str, Any]:
     from bench._inputs import label_names
     from bench._machine import machine_info, machine_slug
+    from bench._stats import percentile
     from segclip.runtime.segmenter import Segmenter
 
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -215,8 +242,16 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
         run_server(url, images, labels, 4, 1)
         rss_before = _rss_kib(process.pid)
         raw: dict[int, dict[str, list]] = {c: {"direct": [], "server": []} for c in levels}
+        paired: list[float] = []  # concurrency 1: per-pair server / direct latency
         for round_ in range(args.rounds):
             for c in levels:
+                if c == 1:
+                    direct, server, pair_ratios = run_paired(segmenter, url, images, labels,
+                                                             args.requests)
+                    raw[c]["direct"].append(direct)
+                    raw[c]["server"].append(server)
+                    paired += pair_ratios
+                    continue
                 raw[c]["direct"].append(run_direct(segmenter, images, labels, args.requests, c,
                                                    args.max_batch))
                 raw[c]["server"].append(run_server(url, images, labels, args.requests, c))
@@ -227,11 +262,14 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
         process.terminate()
         process.wait(timeout=60)
     results = {c: summarize_level(raw[c]["direct"], raw[c]["server"]) for c in levels}
+    if 1 in results:
+        results[1]["paired_ratios"] = [round(r, 4) for r in paired]
     c1, top = results.get(1), results[max(levels)]
     ratios = {}
     if c1:
         ratios["latency_c1_server_over_direct"] = (
             c1["server"]["latency"]["median_ms"] / c1["direct"]["latency_per_call"]["median_ms"])
+        ratios["latency_c1_paired_median"] = percentile(paired, 50) if paired else None
     ratios[f"throughput_c{max(levels)}_server_over_direct_batched"] = (
         top["server"]["requests_per_s"] / top["direct"]["images_per_s"])
     return {"bench": "serve", "bundle": str(args.bundle), "machine": info,
@@ -265,6 +303,9 @@ def print_summary(results: dict[str, Any]) -> None:
     rss = results["rss_kib"]
     print(f"server RSS: {rss['after_warm_up'] / 1024:.1f} MiB after warm-up, "
           f"{rss['end'] / 1024:.1f} MiB at the end")
+    paired = results["ratios"].get("latency_c1_paired_median")
+    if paired is not None:
+        print(f"concurrency 1, median of the per-request server / direct ratios: {paired:.3f}x")
     for target in results["targets"]:
         value = target["value"]
         print(f"{target['target']}: {'-' if value is None else f'{value:.3f}x'}")

@@ -29,5 +29,10 @@ def test_serve_bench_runs_and_reports(bench_bundle: Path, tmp_path: Path) -> Non
     c1 = results["levels"]["1"]
     assert results["ratios"]["latency_c1_server_over_direct"] == pytest.approx(
         c1["server"]["latency"]["median_ms"] / c1["direct"]["latency_per_call"]["median_ms"])
+    pairs = c1["paired_ratios"]  # each request's server / direct latency
+    assert len(pairs) == 6 and c1["direct"]["latency_per_call"]["n"] == 6
+    assert results["ratios"]["latency_c1_paired_median"] == pytest.approx(
+        sorted(pairs)[2:4][0] / 2 + sorted(pairs)[2:4][1] / 2, rel=1e-3)
+    assert "per-request server / direct ratios" in proc.stdout
     assert results["rss_kib"]["after_warm_up"] > 0 and results["rss_kib"]["end"] > 0
     assert "server latency at concurrency 1" in proc.stdout and "| 3 |" in proc.stdout
