@@ -40,18 +40,22 @@ def copy_checkout(target: Path) -> Path:
     return target
 
 
-@pytest.fixture(scope="module")
-def runtime_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def fresh_env(tmp_path_factory: pytest.TempPathFactory, name: str, extras: str = "") -> Path:
+    """A new virtual environment with this checkout installed (`pip install '.[extras]'`)."""
     if shutil.which("git") is None:
         pytest.skip("git is needed to list the checkout's files")
-    root = tmp_path_factory.mktemp("install")
+    root = tmp_path_factory.mktemp(name)
     source = copy_checkout(root / "src")
     env_dir = root / "venv"
     venv.EnvBuilder(with_pip=True, clear=True).create(env_dir)
-    python = env_dir / "bin" / "python"
-    run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-         str(source)])
+    run([str(env_dir / "bin" / "python"), "-m", "pip", "install", "--quiet",
+         "--disable-pip-version-check", f"{source}{extras}"])
     return env_dir
+
+
+@pytest.fixture(scope="module")
+def runtime_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fresh_env(tmp_path_factory, "install")
 
 
 def test_runtime_alone_segments_without_torch(runtime_env: Path, tiny_bundle: Path,
@@ -193,15 +197,7 @@ def test_every_command_shows_help(runtime_env: Path, command: str) -> None:
 @pytest.fixture(scope="module")
 def serve_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A second fresh environment: the runtime plus the serve extra (`pip install '.[serve]'`)."""
-    if shutil.which("git") is None:
-        pytest.skip("git is needed to list the checkout's files")
-    root = tmp_path_factory.mktemp("install-serve")
-    source = copy_checkout(root / "src")
-    env_dir = root / "venv"
-    venv.EnvBuilder(with_pip=True, clear=True).create(env_dir)
-    run([str(env_dir / "bin" / "python"), "-m", "pip", "install", "--quiet",
-         "--disable-pip-version-check", f"{source}[serve]"])
-    return env_dir
+    return fresh_env(tmp_path_factory, "install-serve", "[serve]")
 
 
 def test_runtime_with_the_serve_extra_serves_without_torch(serve_env: Path, tiny_bundle: Path,
