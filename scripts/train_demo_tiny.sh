@@ -22,7 +22,10 @@ $PY -m segclip.cli.data superpixels "$WORK/world" --quiet
 
 resume=()
 [ -f "$WORK/run/train_state.pt" ] && resume=(--resume)
+# the synth recipe with the hybrid patch stem and the names loss over the world's class names
+# (docs/synthetic-world.md "Names loss and an earlier assignment layer": run Y1)
 $PY -m segclip.cli.train --config tiny --recipe synth --data "$WORK/world" --out "$WORK/run" \
+    --model-set patch_stem=hybrid --set names_weight=1 --set names="$WORK/world/classes.txt" \
     --threads "$THREADS" "${resume[@]}"
 
 $PY -m segclip.cli.evaluate "$WORK/run/ckpt.pt" --data "$WORK/world/eval" --diagnostics \
@@ -35,7 +38,8 @@ from segclip.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 source, target = sys.argv[1], sys.argv[2]
 meta = dict(read_checkpoint(source)["meta"])
 meta.pop("train_config", None)
-meta.update({"source": "scripts/train_demo_tiny.sh", "recipe": "synth"})
+meta.update({"source": "scripts/train_demo_tiny.sh", "recipe": "synth",
+             "options": "--model-set patch_stem=hybrid --set names_weight=1"})
 path = save_checkpoint(load_checkpoint(source), target, meta=meta, inference_only=True, half=True)
 print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 PYEOF

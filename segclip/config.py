@@ -28,6 +28,9 @@ class ModelConfig:
     patch_stem: str = "linear"  # "conv" / "hybrid": a small CNN instead of / beside it
     # semantic group module after `group_layer` blocks; the remaining blocks run on regions
     group_layer: int = 10
+    # the mapping logits read the patch tokens after `assign_layer` blocks (0: the embedded
+    # patches); -1: after `group_layer`, as in the paper. Region values always come from there.
+    assign_layer: int = -1
     num_centers: int = 8
     cross_layers: int = 2
     gumbel_tau: float = 0.9  # Gumbel-softmax temperature in training (eval/export use plain argmax)
@@ -66,6 +69,9 @@ class ModelConfig:
         if not 1 <= self.group_layer <= self.vision_layers:
             raise ConfigError(f"group_layer must be in [1, vision_layers={self.vision_layers}], "
                               f"got {self.group_layer}")
+        if not -1 <= self.assign_layer <= self.group_layer:
+            raise ConfigError(f"assign_layer must be -1 (= group_layer) or in [0, group_layer="
+                              f"{self.group_layer}], got {self.assign_layer}")
         if not self.vision_mlp_ratio > 0:
             raise ConfigError(f"vision_mlp_ratio must be > 0, got {self.vision_mlp_ratio}")
         if self.cross_layers < 0:

@@ -72,3 +72,29 @@ def superpixel_kl_loss(hard: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     kl_m_p = F.kl_div(log_p, log_m, reduction="sum", log_target=True) / norm  # KL(m || p)
     kl_p_m = F.kl_div(log_m, log_p, reduction="sum", log_target=True) / norm  # KL(p || m)
     return (kl_m_p + kl_p_m) / 2
+
+
+def names_loss(regions: torch.Tensor, present: torch.Tensor, text: torch.Tensor,
+               targets: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Multi-label cross-entropy of the names each caption mentions (segclip/training/names.py).
+
+    Each name's score in an image is its best region's scaled cosine similarity; a softmax over
+    the C names is matched to the uniform distribution over the mentioned ones. Images whose
+    caption mentions none are skipped (0 when no image mentions any).
+
+    Args:
+        regions: (B, L, D) L2-normalised region embeddings.
+        present: (B, L) True for regions that hold at least one patch.
+        text: (C, D) L2-normalised prompt embeddings of the names.
+        targets: (B, C) multi-hot mentions.
+        logit_scale: the contrastive multiplier (already clamped).
+    """
+    similarity = regions @ text.t()  # (B, L, C)
+    similarity = similarity.masked_fill(~present.unsqueeze(-1), float("-inf"))
+    logits = logit_scale * similarity.amax(dim=1)  # (B, C)
+    counts = targets.sum(dim=-1)  # (B,)
+    rows = counts > 0
+    if not bool(rows.any()):
+        return logits.sum() * 0.0
+    wanted = targets[rows] / counts[rows].unsqueeze(-1)  # (B', C)
+    return -(wanted * F.log_softmax(logits[rows], dim=-1)).sum(dim=-1).mean()

@@ -123,11 +123,15 @@ class SemanticGroup(nn.Module):
         return self.mapping_scale * (centers @ keys.transpose(1, 2))  # (B, L, N)
 
     def forward(self, patches: torch.Tensor, sample: bool | None = None,
-                generator: torch.Generator | None = None) -> GroupOutput:
-        """Group (B, N, D) patches; `sample` defaults to `self.training` (Gumbel noise)."""
+                generator: torch.Generator | None = None,
+                keys: torch.Tensor | None = None) -> GroupOutput:
+        """Group (B, N, D) patches; `sample` defaults to `self.training` (Gumbel noise).
+
+        `keys`: (B, N, D) tokens the mapping logits read instead of `patches` (an earlier
+        block's, ModelConfig.assign_layer); region values are always `patches`."""
         sample = self.training if sample is None else sample
         centers = self.contextual_centers(patches)  # (B, L, D)
-        logits = self.mapping_logits(centers, patches)  # (B, L, N)
+        logits = self.mapping_logits(centers, patches if keys is None else keys)  # (B, L, N)
         if sample:
             hard = gumbel_assign(logits, self.gumbel_tau, dim=1, generator=generator)
         else:

@@ -23,6 +23,7 @@ from torch import nn
 from segclip.config import ModelConfig
 from segclip.losses import (
     contrastive_loss,
+    names_loss,
     reconstruction_loss,
     superpixel_kl_loss,
 )
@@ -46,6 +47,7 @@ class LossWeights:
     contrastive: float = 1.0
     reconstruction: float = 1.0
     superpixel_kl: float = 1.0
+    names: float = 0.0  # the names loss (segclip/training/names.py); needs `names` in forward
 
 
 class SegCLIP(nn.Module):
@@ -101,9 +103,23 @@ class SegCLIP(nn.Module):
 
     def forward_patches(self, tokens: torch.Tensor) -> torch.Tensor:
         """Blocks [0, group_layer) on (B, N, D) patch tokens (no CLS)."""
-        for block in self.visual.transformer.resblocks[: self.config.group_layer]:
+        return self.forward_patches_and_keys(tokens)[0]
+
+    def forward_patches_and_keys(self, tokens: torch.Tensor,
+                                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Blocks [0, group_layer) on (B, N, D) patch tokens; also the tokens after
+        `assign_layer` blocks that the mapping logits read (None: the last ones)."""
+        keys = tokens if self.config.assign_layer == 0 else None
+        for index, block in enumerate(self.visual.transformer.resblocks[: self.config.group_layer]):
             tokens = block(tokens)
-        return tokens
+            if index + 1 == self.config.assign_layer < self.config.group_layer:
+                keys = tokens
+        return tokens, keys
+
+    def group_patches(self, tokens: torch.Tensor, sample: bool | None = None) -> GroupOutput:
+        """Blocks before the group, then the semantic group on (B, N, D) patch tokens."""
+        patches, keys = self.forward_patches_and_keys(tokens)
+        return self.group(patches, sample=sample, keys=keys)
 
     def forward_regions(self, regions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Blocks after the group on (B, L, D) regions -> ((B, E) global, (B, L, E) regions),
@@ -119,7 +135,7 @@ class SegCLIP(nn.Module):
                       ) -> tuple[GroupOutput, torch.Tensor, torch.Tensor, int, int]:
         """Run the image tower; returns (group output, global, regions, h, w), unnormalised."""
         patches, h, w = self.embed_patches(images)
-        grouped = self.group(self.forward_patches(patches), sample=sample)
+        grouped = self.group_patches(patches, sample=sample)
         global_embedding, regions = self.forward_regions(grouped.regions)
         return grouped, global_embedding, regions, h, w
 
@@ -158,7 +174,9 @@ class SegCLIP(nn.Module):
     # ---- training ----------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, tokens: torch.Tensor,
                 superpixels: torch.Tensor | None = None,
-                weights: LossWeights = LossWeights()) -> dict[str, torch.Tensor]:
+                weights: LossWeights = LossWeights(),
+                names: tuple[torch.Tensor, torch.Tensor] | None = None,
+                ) -> dict[str, torch.Tensor]:
         """Training forward: the loss terms (already weighted) and their sum under "loss".
 
         Args:
@@ -166,8 +184,10 @@ class SegCLIP(nn.Module):
             tokens: (B, C) caption token ids.
             superpixels: (B, N) super-patch labels; needed when the KL weight is > 0.
             weights: loss weights; a zero weight skips that loss's computation.
+            names: ((C, C') prompt token ids of the names, (B, C) multi-hot mentions); needed
+                when the names weight is > 0.
         """
-        grouped, global_embedding, _, _, _ = self.forward_group(images)
+        grouped, global_embedding, regions, _, _ = self.forward_group(images)
         terms: dict[str, torch.Tensor] = {}
         if weights.contrastive:
             text = self.encode_text(tokens)
@@ -179,6 +199,14 @@ class SegCLIP(nn.Module):
                 raise ValueError("superpixel_kl weight > 0 needs `superpixels` (B, N) labels")
             terms["superpixel_kl"] = weights.superpixel_kl * superpixel_kl_loss(
                 grouped.hard.transpose(1, 2), superpixels)
+        if weights.names:
+            if names is None:
+                raise ValueError("names weight > 0 needs `names` (prompt tokens, mentions)")
+            prompts, mentions = names
+            present = grouped.hard.detach().sum(dim=-1) > 0  # (B, L)
+            terms["names"] = weights.names * names_loss(
+                F.normalize(regions, dim=-1), present, self.encode_text(prompts), mentions,
+                self.scale())
         if weights.reconstruction:
             if self.reconstruction is None:
                 raise ValueError("reconstruction weight > 0 but the model was built with "
@@ -194,7 +222,7 @@ class SegCLIP(nn.Module):
         b, n, d = patches.shape
         mask = random_patch_mask(b, n, self.config.num_visible_patches, images.device, generator)
         visible = patches.gather(1, mask.keep.unsqueeze(-1).expand(-1, -1, d))  # (B, n, D)
-        grouped = self.group(self.forward_patches(visible), sample=True)
+        grouped = self.group_patches(visible, sample=True)
         pred = self.reconstruction(grouped.regions, grouped.hard, mask.restore)  # (B, N, P)
         target = patchify(images, self.config.patch_size)  # (B, N, P)
         return reconstruction_loss(pred, target, mask.masked)

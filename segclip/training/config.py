@@ -49,6 +49,10 @@ class TrainConfig:
     contrastive_weight: float = 1.0
     reconstruction_weight: float = 1.0
     superpixel_kl_weight: float = 1.0
+    # names loss (segclip/training/names.py): regions scored against the prompts of the names
+    # each caption mentions; `names` is a file of names, one per line (e.g. classes.txt)
+    names_weight: float = 0.0
+    names: str = ""
     # Gumbel temperature: None keeps the model's tau; else annealed geometrically start -> end
     gumbel_tau_start: float | None = None
     gumbel_tau_end: float | None = None
@@ -78,7 +82,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "lower_lr", "weight_decay", "grad_clip", "contrastive_weight",
-                     "reconstruction_weight", "superpixel_kl_weight"):
+                     "reconstruction_weight", "superpixel_kl_weight", "names_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.warmup < 1.0:
@@ -100,7 +104,11 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name} must be > 0, got {value}")
-        if self.contrastive_weight + self.reconstruction_weight + self.superpixel_kl_weight == 0:
+        if self.names_weight > 0 and not self.names:
+            raise ConfigError("names_weight > 0 needs names=FILE (one name per line, e.g. the "
+                              "world's classes.txt)")
+        if (self.contrastive_weight + self.reconstruction_weight + self.superpixel_kl_weight
+                + self.names_weight == 0):
             raise ConfigError("all loss weights are 0; at least one loss must be on")
 
     def to_dict(self) -> dict[str, Any]:

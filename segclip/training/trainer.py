@@ -57,6 +57,7 @@ from segclip.training.distributed import (
     mean_over_ranks,
     shutdown,
 )
+from segclip.training.names import NameTargets, read_names
 from segclip.training.optim import build_optimizer, gumbel_tau, lr_factor, set_lr
 from segclip.training.state import (
     CKPT_FILE,
@@ -102,6 +103,7 @@ class _Run:
     elapsed: float
     recipe: str
     saved_step: int | None  # the step of the ckpt.pt on disk (None before the first save)
+    names: NameTargets | None = None  # the names loss's prompts and mentions
 
 
 def train(model_config: ModelConfig | None, config: TrainConfig | None,
@@ -200,6 +202,9 @@ def _setup(info: DistInfo, model_config: ModelConfig | None, config: TrainConfig
         superpixels=config.superpixel_kl_weight > 0))
     if config.captions == "objects":
         object_captions(dataset)
+    names = (NameTargets.build([dataset.caption(i) for i in range(len(dataset))],
+                               read_names(config.names), model_config.train_context_length)
+             if config.names_weight > 0 else None)
     phases = plan_phases(dataset, config.steps, config.epochs, config.curriculum_steps,
                          config.batch_size, info.world_size, config.colour_groups)
     optimizer = build_optimizer(model, config)
@@ -222,7 +227,7 @@ def _setup(info: DistInfo, model_config: ModelConfig | None, config: TrainConfig
     wrapped: torch.nn.Module = model
     if info.enabled:
         weights = (config.contrastive_weight, config.reconstruction_weight,
-                   config.superpixel_kl_weight)
+                   config.superpixel_kl_weight)  # the names loss adds no parameters of its own
         wrapped = DistributedDataParallel(
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
             find_unused_parameters=any(w == 0 for w in weights))
@@ -230,7 +235,7 @@ def _setup(info: DistInfo, model_config: ModelConfig | None, config: TrainConfig
     _truncate_metrics(out / METRICS_FILE, step, info)
     return _Run(info, out, model_config, config, [str(d) for d in data], wrapped, model,
                 optimizer, scaler, sampler, loader, step, skipped, elapsed, recipe,
-                step if state is not None else None)
+                step if state is not None else None, names)
 
 
 def _seed_process(seed: int, rank: int) -> None:
@@ -295,8 +300,11 @@ def _step(run: _Run, batch: dict[str, torch.Tensor], weights: LossWeights,
     images = batch["image"].to(device, non_blocking=True)
     tokens = batch["tokens"].to(device, non_blocking=True)
     labels = batch["patch_labels"].to(device) if "patch_labels" in batch else None
+    names = None
+    if run.names is not None:
+        names = (run.names.tokens.to(device), run.names.targets[batch["index"]].to(device))
     with _autocast(run):
-        terms = run.model(images, tokens, labels, weights=weights)
+        terms = run.model(images, tokens, labels, weights=weights, names=names)
     loss = terms["loss"]
     values = {k: float(v.detach()) for k, v in terms.items()}
     run.optimizer.zero_grad(set_to_none=True)
@@ -324,7 +332,7 @@ def _loop(run: _Run, stop_after: int | None, progress: bool) -> TrainResult:
     config, total = run.config, run.sampler.total
     stop = total if stop_after is None else min(stop_after, total)
     weights = LossWeights(config.contrastive_weight, config.reconstruction_weight,
-                          config.superpixel_kl_weight)
+                          config.superpixel_kl_weight, config.names_weight)
     result = TrainResult(run.out, run.step, total, run.skipped, run.elapsed,
                          rank=run.info.rank)
     run.model.train()

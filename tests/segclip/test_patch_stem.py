@@ -4,14 +4,13 @@ in the torch-free Segmenter."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _export_helpers import export_passes_and_segments
 
 from segclip.config import ModelConfig
 from segclip.errors import ConfigError
@@ -82,16 +81,8 @@ def test_conv_stem_checkpoint_round_trip(make_tiny_model: Callable, tmp_path: Pa
 @pytest.mark.parametrize("stem", ["conv", "hybrid"])
 def test_conv_stem_exports_and_runs_without_torch(make_tiny_model: Callable, tmp_path: Path,
                                                   stem: str) -> None:
-    from segclip.export import export_model
-    from segclip.runtime import Segmenter
-
     model = make_tiny_model(patch_stem=stem)
     if stem == "hybrid":  # a trained hybrid stem: the CNN part contributes
         with torch.no_grad():
             model.visual.conv1.conv.project.weight.normal_(std=0.05)
-    bundle = export_model(model, tmp_path / "bundle")
-    parity = json.loads((bundle / "segclip.json").read_text())["parity"]
-    assert parity["passed"], parity["failures"]
-    image = (np.random.default_rng(0).random((70, 90, 3)) * 255).astype(np.uint8)
-    result = Segmenter(bundle, device="cpu").segment(image, ["red circle", "blue star"])
-    assert result.label_map.shape == (70, 90)
+    export_passes_and_segments(model, tmp_path)
