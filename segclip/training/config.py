@@ -50,7 +50,8 @@ class TrainConfig:
     reconstruction_weight: float = 1.0
     superpixel_kl_weight: float = 1.0
     # names loss (segclip/training/names.py): regions scored against the prompts of the names
-    # each caption mentions; `names` is a file of names, one per line (e.g. classes.txt)
+    # each caption mentions; `names` is a class list: a file of one name per line (e.g. a
+    # world's classes.txt) or a preset, as `segclip-eval --classes` takes it
     names_weight: float = 0.0
     names: str = ""
     # Gumbel temperature: None keeps the model's tau; else annealed geometrically start -> end

@@ -1,14 +1,15 @@
 """Names mentioned by the captions, for the names loss (docs/synthetic-world.md
 "Names loss and an earlier assignment layer").
 
-`TrainConfig.names` is a file of names (one per line, e.g. a world's classes.txt). Each caption
-is searched for each name as whole words, a trailing plural "s"/"es" allowed ("two green squares"
-mentions "green square"); names that no caption mentions are dropped, so classes held out of
-training never become negatives everywhere. The loss (`segclip.losses.names_loss`) scores every
-region against the prompt `template.format(name)` of every kept name, the way zero-shot
+`TrainConfig.names` is a class list as `segclip-eval --classes` takes it (a file of one name per
+line, e.g. a world's classes.txt, or a preset; read by `segclip.evaluation.datasets.load_classes`).
+Each caption is searched for each name as whole words, a trailing plural "s"/"es" allowed ("two
+green squares" mentions "green square"); names that no caption mentions are dropped, so classes held
+out of training never become negatives everywhere. The loss (`segclip.losses.names_loss`) scores
+every region against the prompt `template.format(name)` of every kept name, the way zero-shot
 segmentation scores them, and asks the best region of each image to pick the names its caption
-mentions: supervision read from the caption text alone, as in GroupViT's multi-label
-contrastive loss over the nouns of a caption.
+mentions: supervision read from the caption text alone, as in GroupViT's multi-label contrastive
+loss over the nouns of a caption.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,19 +24,6 @@ import torch
 from segclip.errors import DataError
 from segclip.runtime.contract import DEFAULT_TEMPLATE
 from segclip.text import tokenize
-
-
-def read_names(path: str | Path) -> list[str]:
-    """The non-empty, stripped lines of `path`, in order, without duplicates."""
-    file = Path(path)
-    if not file.is_file():
-        raise DataError(f"names file {file} does not exist (TrainConfig.names: one name per "
-                        "line, e.g. the world's classes.txt)")
-    names = list(dict.fromkeys(line.strip() for line in file.read_text().splitlines()))
-    names = [n for n in names if n]
-    if not names:
-        raise DataError(f"names file {file} holds no names")
-    return names
 
 
 def name_pattern(name: str) -> re.Pattern[str]:
@@ -58,16 +45,18 @@ class NameTargets:
     """The kept names, their prompt tokens and every caption's multi-hot row."""
 
     names: tuple[str, ...]  # C kept names
-    tokens: torch.Tensor  # (C, context) prompt token ids
+    tokens: torch.Tensor  # (C, context) prompt token ids, on the training device
     targets: torch.Tensor  # (P, C) float32 multi-hot per dataset item
 
     @classmethod
     def build(cls, captions: Sequence[str], names: Sequence[str], context_length: int,
-              template: str = DEFAULT_TEMPLATE) -> NameTargets:
+              template: str = DEFAULT_TEMPLATE,
+              device: torch.device | str = "cpu") -> NameTargets:
         hits = mentioned(captions, names)  # (P, C)
         keep = hits.any(axis=0)
         if not keep.any():
             raise DataError("no caption mentions any of the names in TrainConfig.names")
         kept = tuple(n for n, k in zip(names, keep) if k)
         tokens = tokenize([template.format(n) for n in kept], context_length=context_length)
+        tokens = tokens.to(device)  # (C, context), moved once: every step encodes them
         return cls(kept, tokens, torch.from_numpy(hits[:, keep].astype(np.float32)))

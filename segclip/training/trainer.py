@@ -45,6 +45,7 @@ from segclip.errors import (
     SegclipError,
     WriteError,
 )
+from segclip.evaluation.datasets import load_classes
 from segclip.model import LossWeights, SegCLIP
 from segclip.training.config import TrainConfig
 from segclip.training.data import StepBatchSampler, object_captions, plan_phases
@@ -57,7 +58,7 @@ from segclip.training.distributed import (
     mean_over_ranks,
     shutdown,
 )
-from segclip.training.names import NameTargets, read_names
+from segclip.training.names import NameTargets
 from segclip.training.optim import build_optimizer, gumbel_tau, lr_factor, set_lr
 from segclip.training.state import (
     CKPT_FILE,
@@ -203,7 +204,8 @@ def _setup(info: DistInfo, model_config: ModelConfig | None, config: TrainConfig
     if config.captions == "objects":
         object_captions(dataset)
     names = (NameTargets.build([dataset.caption(i) for i in range(len(dataset))],
-                               read_names(config.names), model_config.train_context_length)
+                               load_classes(config.names).names,
+                               model_config.train_context_length, device=info.device)
              if config.names_weight > 0 else None)
     phases = plan_phases(dataset, config.steps, config.epochs, config.curriculum_steps,
                          config.batch_size, info.world_size, config.colour_groups)
@@ -302,7 +304,7 @@ def _step(run: _Run, batch: dict[str, torch.Tensor], weights: LossWeights,
     labels = batch["patch_labels"].to(device) if "patch_labels" in batch else None
     names = None
     if run.names is not None:
-        names = (run.names.tokens.to(device), run.names.targets[batch["index"]].to(device))
+        names = (run.names.tokens, run.names.targets[batch["index"]].to(device))
     with _autocast(run):
         terms = run.model(images, tokens, labels, weights=weights, names=names)
     loss = terms["loss"]

@@ -204,45 +204,22 @@ def test_runtime_with_the_serve_extra_serves_without_torch(serve_env: Path, tiny
                                                            tmp_path: Path) -> None:
     import base64
     import io
-    import socket
-    import time
 
     httpx = pytest.importorskip("httpx")
+    sys.path.insert(0, str(Path(__file__).parent / "serve"))
+    from _serve_support import serve
+
     python = serve_env / "bin" / "python"
     run([str(python), "-c", "import importlib.util, segclip.runtime.serve; "
          "assert importlib.util.find_spec('torch') is None"], timeout=120, cwd=tmp_path)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log = tmp_path / "server.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen([str(serve_env / "bin" / "segclip-serve"), "--engine",
-                                    str(tiny_bundle), "--port", str(port), "--threads", "1"],
-                                   stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, log.read_text()
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
+    with serve(tiny_bundle, tmp_path, program=[str(serve_env / "bin" / "segclip-serve")]) as server:
         buffer = io.BytesIO()
         Image.new("RGB", (96, 64), (200, 30, 30)).save(buffer, format="PNG")
-        response = httpx.post(url + "/v1/segment", timeout=60, json={
+        response = httpx.post(server.url + "/v1/segment", timeout=60, json={
             "image": base64.b64encode(buffer.getvalue()).decode(),
             "labels": ["red square", "cat"]})
-        assert response.status_code == 200, response.text
-        body = response.json()
-        assert (body["width"], body["height"]) == (96, 64) and body["labels"] == [
-            "red square", "cat"]
-        label_map = np.asarray(Image.open(io.BytesIO(base64.b64decode(
-            body["label_map"]["data"]))))
-        assert label_map.shape == (64, 96) and label_map.max() <= 2
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["width"], body["height"]) == (96, 64) and body["labels"] == ["red square", "cat"]
+    label_map = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["label_map"]["data"]))))
+    assert label_map.shape == (64, 96) and label_map.max() <= 2

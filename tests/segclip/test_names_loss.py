@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from segclip.config import ModelConfig
 from segclip.data.pairs import PairDataset, PairsConfig
 from segclip.errors import ConfigError, DataError
+from segclip.evaluation.datasets import load_classes
 from segclip.losses import names_loss
 from segclip.training import TrainConfig, train
-from segclip.training.names import NameTargets, mentioned, name_pattern, read_names
+from segclip.training.names import NameTargets, mentioned, name_pattern
 
 
 def test_name_pattern_takes_whole_words_and_plurals() -> None:
@@ -29,7 +30,7 @@ def test_name_pattern_takes_whole_words_and_plurals() -> None:
 
 
 def test_captions_mention_exactly_the_world_objects(synth_world: Path) -> None:
-    names = read_names(synth_world / "classes.txt")
+    names = load_classes(synth_world / "classes.txt").names
     dataset = PairDataset([synth_world / "train"], PairsConfig(image_size=64, patch_size=8))
     captions = [dataset.caption(i) for i in range(len(dataset))]
     hits = mentioned(captions, names)  # (P, C)
@@ -40,7 +41,7 @@ def test_captions_mention_exactly_the_world_objects(synth_world: Path) -> None:
         assert found == {o["class"] for o in record["objects"]}, caption
 
 
-def test_never_mentioned_names_are_dropped(tmp_path: Path) -> None:
+def test_never_mentioned_names_are_dropped() -> None:
     names = ["red star", "blue circle", "green star"]
     built = NameTargets.build(["a red star", "two red stars and a blue circle"], names, 16)
     assert built.names == ("red star", "blue circle")
@@ -48,12 +49,6 @@ def test_never_mentioned_names_are_dropped(tmp_path: Path) -> None:
     assert built.tokens.shape == (2, 16)
     with pytest.raises(DataError, match="no caption mentions"):
         NameTargets.build(["a yellow square"], names, 16)
-    empty = tmp_path / "names.txt"
-    empty.write_text("\n \n")
-    with pytest.raises(DataError, match="holds no names"):
-        read_names(empty)
-    with pytest.raises(DataError, match="does not exist"):
-        read_names(tmp_path / "missing.txt")
 
 
 def literal_names_loss(regions, present, text, targets, scale) -> torch.Tensor:
@@ -117,3 +112,15 @@ def test_a_run_trains_with_the_names_loss(synth_world: Path, tmp_path: Path) -> 
     values = np.array([r["names"] for r in records])
     assert len(values) == 3 and np.isfinite(values).all() and (values > 0).all()
     assert sorted(run.losses) == [1, 2, 3]
+
+
+def test_a_bad_names_file_stops_training_with_one_line(synth_world: Path, tmp_path: Path) -> None:
+    model = ModelConfig.preset("tiny", vision_layers=2, group_layer=1, text_layers=1)
+    empty = tmp_path / "names.txt"
+    empty.write_text("\n \n")
+    for names, message in ((empty, "is empty"), (tmp_path / "missing.txt", "not found")):
+        config = TrainConfig(steps=1, batch_size=8, lower_lr_scope="none",
+                             freeze_embeddings=False, names_weight=1.0, names=str(names))
+        with pytest.raises(DataError, match=message):
+            train(model, config, [synth_world], tmp_path / "run", progress=False)
+        assert not (tmp_path / "run" / "ckpt.pt").exists()

@@ -40,12 +40,17 @@ class Server:
 
 
 @contextmanager
-def serve(bundle: Path, tmp: Path, *options: str, wait_ready: bool = True) -> Iterator[Server]:
-    """`segclip-serve --engine bundle` on a free port; stopped (and waited for) on exit."""
+def serve(bundle: Path, tmp: Path, *options: str, wait_ready: bool = True,
+          program: Sequence[str] = (sys.executable, "-m", "segclip.runtime.serve.cli"),
+          ) -> Iterator[Server]:
+    """`segclip-serve --engine bundle` on a free port; stopped (and waited for) on exit.
+
+    `program`: how to start segclip-serve (default: this interpreter's module; another
+    environment's `bin/segclip-serve` tests that install)."""
     port = free_port()
     log = tmp / f"server-{port}.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "segclip.runtime.serve.cli", "--engine", str(bundle),
+    command = [*program, "--engine", str(bundle),
                "--host", "127.0.0.1", "--port", str(port), "--threads", "1", *options]
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
