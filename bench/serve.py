@@ -2,7 +2,7 @@
 
     python bench/serve.py --bundle DIR [--concurrency 1,4,16] [--requests 96] [--rounds 3]
         [--labels 20] [--size 375x500] [--threads N] [--max-batch 16] [--max-wait-ms 5]
-        [--variant fp32] [--timeout-s 600] [--out FILE.json]
+        [--variant fp32] [--timeout-s 600] [--server-cpus 0] [--client-cpus 1] [--out FILE.json]
 
 Starts `segclip-serve` on 127.0.0.1 (a free port) and, in this process, a `Segmenter` on the same
 bundle with the same threads. Each round runs, for every concurrency level, first the direct
@@ -10,16 +10,20 @@ baseline and then the server, so load from other work hits both alike: at concur
 baseline is `Segmenter.segment` on the encoded image (decoding included), alternated request by
 request with the server (each pair's server / direct ratio is reported too);
 at concurrency c > 1 it is `Segmenter.segment_batch` on chunks of min(c, max_batch) images. The
-server gets `--requests` requests per level and round from c client threads (httpx, keep-alive,
-multipart, the label map PNG in the response). Reported per level: requests/s, client latency
+server gets `--requests` requests per level and round from c client threads (one keep-alive
+`http.client` connection each, multipart bodies encoded once before timing, the label map PNG in
+the response, its JSON parsed). Reported per level: requests/s, client latency
 p50/p90/p99, the server's per-stage p50/p90/p99 (`timings_ms`), errors, batch sizes; server RSS
 after warm-up and at the end. Ratios: server latency / direct latency at concurrency 1, server
-throughput / direct batched throughput at the highest concurrency.
+throughput / direct batched throughput at the highest concurrency. `--server-cpus` pins the
+server and the direct baseline, `--client-cpus` the client threads (as if the clients ran on
+other machines); without them nothing is pinned.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import io
 import json
 import os
@@ -53,8 +57,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--variant", default=None)
     parser.add_argument("--timeout-s", type=float, default=600.0,
                         help="the server's --timeout-s (long: a CPU batch of 16 takes seconds)")
+    parser.add_argument("--server-cpus", type=_cpus, default=None,
+                        help="CPUs for the server and the direct baseline, e.g. 0 (Linux)")
+    parser.add_argument("--client-cpus", type=_cpus, default=None,
+                        help="CPUs for the client threads, e.g. 1: clients off the server's "
+                             "CPUs, as when they run on other machines")
     parser.add_argument("--out", type=Path, default=None)
     return parser.parse_args(argv)
+
+
+def _cpus(text: str) -> frozenset[int]:
+    """'0', '0,1' or '0-3' -> CPU numbers."""
+    cpus: set[int] = set()
+    try:
+        for part in text.split(","):
+            first, _, last = part.partition("-")
+            cpus.update(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a CPU list: {text!r} (e.g. 0 or 0,1 or 0-3)"
+                                         ) from None
+    return frozenset(cpus)
+
+
+def _plain(value: Any) -> Any:
+    """An option as JSON holds it."""
+    if isinstance(value, Path):
+        return str(value)
+    return sorted(value) if isinstance(value, frozenset) else value
+
+
+def _pin(cpus: frozenset[int] | None) -> None:
+    """Pin the calling thread (and the threads it starts later) to `cpus`; None: leave it."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
 
 
 def _free_port() -> int:
@@ -86,6 +121,8 @@ def start_server(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen,
         command += ["--variant", args.variant]
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    if args.server_cpus:  # before the server starts its engine threads, which inherit it
+        os.sched_setaffinity(process.pid, args.server_cpus)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + STARTUP_S
     while True:
@@ -138,48 +175,80 @@ def run_direct(segmenter: Any, images: list[bytes], labels: list[str], requests:
     return {"latencies_s": latencies, "wall_s": wall, "images": requests, "chunk": chunk}
 
 
-def _post(session: Any, data: bytes, labels: list[str]) -> tuple[float, int, dict[str, Any]]:
-    """One multipart request: (latency s, status, JSON body or {})."""
-    start = time.perf_counter()
-    response = session.post("/v1/segment", data={"labels": json.dumps(labels)},
-                            files={"image": ("image.jpg", data, "image/jpeg")})
-    latency = time.perf_counter() - start
-    return latency, response.status_code, response.json() if response.status_code == 200 else {}
+class _Client:
+    """One keep-alive connection to the server (stdlib `http.client`) with the multipart bodies
+    encoded once (urllib3), so the client's own per-request work stays small: on a 2-core
+    machine it shares the CPUs with the server it measures."""
+
+    def __init__(self, url: str, bodies: list[tuple[bytes, str]]) -> None:
+        from urllib.parse import urlsplit
+
+        address = urlsplit(url)
+        self.connection = http.client.HTTPConnection(address.hostname, address.port, timeout=300)
+        self.bodies = bodies
+
+    def post(self, index: int) -> tuple[float, int, dict[str, Any]]:
+        """Request `index` (its image: bodies[index % len]): (latency s, status, JSON or {})."""
+        body, content_type = self.bodies[index % len(self.bodies)]
+        start = time.perf_counter()
+        self.connection.request("POST", "/v1/segment", body=body,
+                                headers={"Content-Type": content_type})
+        response = self.connection.getresponse()
+        data = response.read()
+        result = json.loads(data) if response.status == 200 else {}
+        return time.perf_counter() - start, response.status, result
+
+    def close(self) -> None:
+        self.connection.close()
 
 
-def run_server(url: str, images: list[bytes], labels: list[str], requests: int,
-               concurrency: int) -> dict[str, Any]:
-    import httpx
+def encode_bodies(images: list[bytes], labels: list[str]) -> list[tuple[bytes, str]]:
+    """(multipart body, its Content-Type) per image: field `image` (JPEG) and `labels` (JSON)."""
+    from urllib3 import encode_multipart_formdata
 
+    return [encode_multipart_formdata({"labels": json.dumps(labels),
+                                       "image": ("image.jpg", data, "image/jpeg")})
+            for data in images]
+
+
+def run_server(url: str, bodies: list[tuple[bytes, str]], requests: int, concurrency: int,
+               client_cpus: frozenset[int] | None = None) -> dict[str, Any]:
     def client(worker: int) -> list[tuple[float, int, dict[str, Any]]]:
-        with httpx.Client(base_url=url, timeout=300) as session:
-            return [_post(session, images[index % len(images)], labels)
-                    for index in range(worker, requests, concurrency)]
+        session = _Client(url, bodies)
+        try:
+            return [session.post(index) for index in range(worker, requests, concurrency)]
+        finally:
+            session.close()
 
     began = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
+    with ThreadPoolExecutor(concurrency, initializer=_pin, initargs=(client_cpus,)) as pool:
         results = [r for rs in pool.map(client, range(concurrency)) for r in rs]
     wall = time.perf_counter() - began
     return _server_result(results, wall)
 
 
-def run_paired(segmenter: Any, url: str, images: list[bytes], labels: list[str],
-               requests: int) -> tuple[dict[str, Any], dict[str, Any], list[float]]:
+def run_paired(segmenter: Any, url: str, images: list[bytes], bodies: list[tuple[bytes, str]],
+               labels: list[str], requests: int, client_cpus: frozenset[int] | None = None,
+               ) -> tuple[dict[str, Any], dict[str, Any], list[float]]:
     """Concurrency 1 as pairs: each image through `Segmenter.segment`, then at once through the
-    server, so both see the same moment's load; also each pair's server / direct ratio."""
-    import httpx
+    server, so both see the same moment's load; also each pair's server / direct ratio. The
+    requests go out from a client thread (on `client_cpus`); each is timed there."""
     from PIL import Image
 
     direct, served, ratios = [], [], []
-    with httpx.Client(base_url=url, timeout=300) as session:
+    session = _Client(url, bodies)
+    poster = ThreadPoolExecutor(1, initializer=_pin, initargs=(client_cpus,))
+    try:
         for index in range(requests):
-            data = images[index % len(images)]
             start = time.perf_counter()
-            segmenter.segment(Image.open(io.BytesIO(data)), labels)
+            segmenter.segment(Image.open(io.BytesIO(images[index % len(images)])), labels)
             direct.append(time.perf_counter() - start)
-            served.append(_post(session, data, labels))
+            served.append(poster.submit(session.post, index).result())
             if served[-1][1] == 200:
                 ratios.append(served[-1][0] / direct[-1])
+    finally:
+        poster.shutdown()
+        session.close()
     return ({"latencies_s": direct, "wall_s": sum(direct), "images": requests, "chunk": 1},
             _server_result(served, sum(r[0] for r in served)), ratios)
 
@@ -232,29 +301,34 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
     levels = [int(c) for c in args.concurrency.split(",")]
     labels = label_names(args.labels)
     images = make_images(args.size)
+    bodies = encode_bodies(images, labels)
     info = machine_info()
     log = Path(tempfile.mkdtemp(prefix="segclip-bench-serve-")) / "server.log"
     process, url = start_server(args, log)
+    _pin(args.server_cpus)  # the direct baseline runs here, on the server's CPUs
     try:
         segmenter = Segmenter(args.bundle, device="cpu", threads=args.threads,
                               variant=args.variant, batch_size=args.max_batch)
         run_direct(segmenter, images, labels, 4, 1, args.max_batch)  # warm both sides
-        run_server(url, images, labels, 4, 1)
+        run_server(url, bodies, 4, 1, args.client_cpus)
         rss_before = _rss_kib(process.pid)
+        server_affinity = sorted(os.sched_getaffinity(process.pid))
         raw: dict[int, dict[str, list]] = {c: {"direct": [], "server": []} for c in levels}
         paired: list[float] = []  # concurrency 1: per-pair server / direct latency
         for round_ in range(args.rounds):
             for c in levels:
                 if c == 1:
-                    direct, server, pair_ratios = run_paired(segmenter, url, images, labels,
-                                                             args.requests)
+                    direct, server, pair_ratios = run_paired(segmenter, url, images, bodies,
+                                                             labels, args.requests,
+                                                             args.client_cpus)
                     raw[c]["direct"].append(direct)
                     raw[c]["server"].append(server)
                     paired += pair_ratios
                     continue
                 raw[c]["direct"].append(run_direct(segmenter, images, labels, args.requests, c,
                                                    args.max_batch))
-                raw[c]["server"].append(run_server(url, images, labels, args.requests, c))
+                raw[c]["server"].append(run_server(url, bodies, args.requests, c,
+                                                   args.client_cpus))
                 print(f"round {round_ + 1}/{args.rounds} concurrency {c}: done", flush=True)
         rss_after = _rss_kib(process.pid)
         segmenter.close()
@@ -274,9 +348,10 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
         top["server"]["requests_per_s"] / top["direct"]["images_per_s"])
     return {"bench": "serve", "bundle": str(args.bundle), "machine": info,
             "machine_slug": machine_slug(info), "load_average_end": os.getloadavg(),
-            "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "options": {k: _plain(v) for k, v in vars(args).items()},
             "labels": len(labels), "image_size": args.size,
             "rss_kib": {"after_warm_up": rss_before, "end": rss_after},
+            "server_affinity": server_affinity,
             "levels": {str(c): results[c] for c in levels}, "ratios": ratios,
             "targets": [{"target": "server latency at concurrency 1 <= 1.10x direct",
                          "value": ratios.get("latency_c1_server_over_direct")},

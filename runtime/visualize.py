@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Sequence
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,12 @@ def _save(path: str | os.PathLike, image: Image.Image, **options) -> Path:
                           f"writable") from e
 
 
+@cache
+def _png_palette() -> bytes:
+    """The 256-entry palette of label-map PNGs, as PIL wants it (computed once)."""
+    return palette(256).tobytes()
+
+
 PNG_LEVEL = 1  # zlib level of label-map PNGs: a third of level 6's time for ~15 % more bytes
 
 
@@ -69,7 +76,7 @@ def label_map_image(label_map: np.ndarray, num_labels: int) -> Image.Image:
     label_map = _check_label_map(label_map, num_labels)
     if num_labels <= 255:
         image = Image.fromarray(label_map.astype(np.uint8), mode="P")
-        image.putpalette(palette(256).tobytes())
+        image.putpalette(_png_palette())
         return image
     return Image.fromarray(label_map.astype(np.uint16))  # mode "I;16"
 

@@ -17,6 +17,8 @@ The engine interface (all that `build_app` calls; every coroutine runs on the ap
     class Engine(Protocol):
         ready: bool                       # True once warm_up() has run both towers
         queue_depth: int                  # jobs waiting (a gauge; 0 when not queued locally)
+        idle: bool                        # optional: nothing queued or running (the app then
+                                          # decodes / encodes small images inline)
         async def start(self) -> None     # on app startup (create queues/workers)
         async def warm_up(self) -> None   # run both towers once, then set ready
         async def segment(self, job: SegmentJob) -> EngineResult   # raises QueueFull

@@ -63,10 +63,16 @@ class LocalEngine:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="segclip-batch")
         self._text_executor = ThreadPoolExecutor(1, thread_name_prefix="segclip-text")
         self._expected = 0  # requests being read or decoded, not yet queued
+        self._running = 0  # batches in the worker thread now
 
     @property
     def queue_depth(self) -> int:
         return self._queue.qsize() if self._queue is not None else 0
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no batch running (the app then decodes and encodes inline)."""
+        return self.queue_depth == 0 and self._running == 0
 
     def expect(self, delta: int) -> None:
         """The app announces (+1) a request it is reading, and withdraws it (-1) once queued
@@ -122,7 +128,6 @@ class LocalEngine:
         return [p for p in batch if not p.future.done()]  # drop timed-out jobs
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = await self._collect()
             if not batch:
@@ -130,7 +135,7 @@ class LocalEngine:
             started = time.perf_counter()
             jobs = [p.job for p in batch]
             try:
-                results = await loop.run_in_executor(self._executor, self._segment, jobs)
+                results = await self._in_worker(jobs)
             except Exception as e:  # noqa: BLE001 - handed to each request, never swallowed
                 if not isinstance(e, SegclipError):  # a client's mistake is answered, not logged
                     log.exception("a batch of %d failed", len(batch))
@@ -144,6 +149,15 @@ class LocalEngine:
                     queue_ms = (started - pending.queued_at) * 1e3
                     pending.future.set_result(EngineResult(result, queue_ms, len(batch),
                                                            index == 0))
+
+    async def _in_worker(self, jobs: list[SegmentJob]) -> list[SegmentResult | Exception]:
+        """`_segment(jobs)` in the worker thread, counted in `idle`."""
+        self._running += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor,
+                                                                    self._segment, jobs)
+        finally:
+            self._running -= 1
 
     def _segment(self, jobs: list[SegmentJob]) -> list[SegmentResult | Exception]:
         """All jobs in one `segment_each`; if that fails, each alone so one bad job fails

@@ -21,7 +21,6 @@ between them), `num_cpus`, `num_gpus` (per replica), `name`, and the `ServeSetti
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import signal
@@ -154,9 +153,7 @@ class RayEngine(LocalEngine):
         started = time.perf_counter()
         for _, ticket in items:
             self._leave_queue(ticket)
-        loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(self._executor, self._segment,
-                                             [job for job, _ in items])
+        results = await self._in_worker([job for job, _ in items])
         return [_Failed(r) if isinstance(r, Exception) else
                 EngineResult(r, (started - ticket["queued"]) * 1e3, len(items), index == 0)
                 for index, (r, (_, ticket)) in enumerate(zip(results, items))]

@@ -206,6 +206,18 @@ async def _parse_multipart(request: Request, body: bytes,
     return SegmentRequest(image, labels, label_set, _threshold(fields["threshold"]), outputs)
 
 
+def header_pixels(data: bytes) -> int:
+    """Width x height from the image's header (nothing decoded); 0 if the header does not read
+    (`decode_image` then says why)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                return image.width * image.height
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return 0
+
+
 def decode_image(data: bytes, max_pixels: int) -> tuple[np.ndarray, float]:
     """((H, W, 3) uint8 RGB, milliseconds): 413 over `max_pixels`, 415 if not an image."""
     began = time.perf_counter()

@@ -36,3 +36,30 @@ def test_serve_bench_runs_and_reports(bench_bundle: Path, tmp_path: Path) -> Non
     assert "per-request server / direct ratios" in proc.stdout
     assert results["rss_kib"]["after_warm_up"] > 0 and results["rss_kib"]["end"] > 0
     assert "server latency at concurrency 1" in proc.stdout and "| 3 |" in proc.stdout
+
+
+def test_serve_bench_pins_server_and_clients(bench_bundle: Path, tmp_path: Path) -> None:
+    import os
+
+    cpus = sorted(os.sched_getaffinity(0))
+    server, client = cpus[0], cpus[-1]
+    out = tmp_path / "serve.json"
+    run_script("serve.py", "--bundle", str(bench_bundle), "--concurrency", "1,2",
+               "--requests", "4", "--rounds", "1", "--labels", "2", "--size", "48x64",
+               "--threads", "1", "--server-cpus", str(server), "--client-cpus", str(client),
+               "--out", str(out))
+    results = json.loads(out.read_text())
+    assert results["server_affinity"] == [server]
+    assert results["options"]["server_cpus"] == [server]
+    assert results["options"]["client_cpus"] == [client]
+    assert all(level["server"]["errors"] == 0 for level in results["levels"].values())
+
+
+def test_serve_bench_refuses_a_bad_cpu_list(bench_bundle: Path) -> None:
+    import subprocess
+    import sys
+
+    bench = Path(__file__).resolve().parents[2] / "bench" / "serve.py"
+    proc = subprocess.run([sys.executable, str(bench), "--bundle", str(bench_bundle),
+                           "--server-cpus", "zero"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "not a CPU list" in proc.stderr

@@ -40,12 +40,16 @@ def client(server: Server) -> Iterator[httpx.Client]:
 
 @pytest.fixture(scope="module")
 def run_outputs(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """segclip-run's label-map PNGs for two images at two thresholds (the reference)."""
+    """segclip-run's label-map PNGs for three images at two thresholds (the reference). The
+    third is over `INLINE_PIXELS`, so the server decodes and encodes it in its codec threads."""
     from segclip.runtime.runner import run_images
+    from segclip.runtime.serve.app import INLINE_PIXELS
 
+    sizes = [(90, 150), (64, 64), (600, 900)]
+    assert sizes[0][0] * sizes[0][1] <= INLINE_PIXELS < sizes[2][0] * sizes[2][1] <= MAX_PIXELS
     root = tmp_path_factory.mktemp("serve-run")
     images = {}
-    for seed, (height, width) in enumerate([(90, 150), (64, 64)]):
+    for seed, (height, width) in enumerate(sizes):
         path = root / f"img{seed}.png"
         path.write_bytes(image_bytes(height, width, seed))
         images[seed] = path
@@ -54,7 +58,7 @@ def run_outputs(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         out = root / f"out{threshold}"
         report = run_images(tiny_bundle, LABELS, list(images.values()), out, threshold=threshold,
                             device="cpu", progress=False)
-        assert report.processed == 2 and not report.failed
+        assert report.processed == len(images) and not report.failed
         for seed in images:
             pngs[seed, threshold] = (out / f"img{seed}.png").read_bytes()
     return {"images": images, "pngs": pngs}
@@ -182,6 +186,14 @@ def _bomb_png() -> bytes:
     buffer = io.BytesIO()
     Image.new("1", (20000, 20000)).save(buffer, format="PNG")  # 4e8 pixels in a few kB
     return buffer.getvalue()
+
+
+def test_header_pixels_reads_the_size_without_decoding() -> None:
+    from segclip.runtime.serve.requests import header_pixels
+
+    assert header_pixels(image_bytes(30, 40, 0)) == 1200
+    assert header_pixels(b"not an image") == 0 and header_pixels(b"") == 0
+    assert header_pixels(_bomb_png()) == 0  # past Pillow's bomb limit: decode_image says 413
 
 
 def test_client_errors_are_problems(client: httpx.Client) -> None:
