@@ -230,12 +230,15 @@ def build_app(engine: Any, settings: ServeSettings,
     return app
 
 
+def _inline(engine: Any, pixels: Callable[[], int]) -> bool:
+    """Codec work on the loop itself: the engine is idle and the image small (module docstring).
+    Engines without an `idle` property always hand it off."""
+    return bool(getattr(engine, "idle", False)) and pixels() <= INLINE_PIXELS
+
+
 async def _segment(request: Request, engine: Any, settings: ServeSettings, metrics: Metrics,
                    label_sets: LabelSets, expect: Any, in_codec: Any) -> Response:
     began = time.perf_counter()
-
-    def idle() -> bool:  # engines without the property always hand off
-        return bool(getattr(engine, "idle", False))
     expect(1)
     expecting = True
     try:
@@ -245,8 +248,8 @@ async def _segment(request: Request, engine: Any, settings: ServeSettings, metri
         labels = parsed.labels
         if labels is None:
             labels = label_sets.get(parsed.label_set or "")
-        small = header_pixels(parsed.image_bytes) <= INLINE_PIXELS
-        image, decode_ms = await in_codec(small and idle(), decode_image, parsed.image_bytes,
+        inline = _inline(engine, lambda: header_pixels(parsed.image_bytes))
+        image, decode_ms = await in_codec(inline, decode_image, parsed.image_bytes,
                                           settings.max_pixels)
         expect(-1)
         expecting = False
@@ -273,18 +276,20 @@ async def _segment(request: Request, engine: Any, settings: ServeSettings, metri
     if done.first_in_batch:
         metrics.batch_size.observe(done.batch_size)
     accept = request.headers.get("accept", "")
+    pixels = result.size[0] * result.size[1]
     if "image/png" in accept and "application/json" not in accept:
         began_encode = time.perf_counter()
-        png = await in_codec(small and idle(), label_png, result.label_map, len(result.labels))
+        png = await in_codec(_inline(engine, lambda: pixels), label_png, result.label_map,
+                             len(result.labels))
         timings["encode"] = (time.perf_counter() - began_encode) * 1e3
         timings["total"] = (time.perf_counter() - began) * 1e3
         metrics.observe_stages(timings)
         return Response(png, media_type="image/png", headers={
             "X-Segclip-Labels": json.dumps(list(result.labels)),
             "X-Segclip-Timings": json.dumps({k: round(v, 3) for k, v in timings.items()})})
-    inline = small and idle() and INLINE_OUTPUTS.issuperset(parsed.outputs)
-    body, timings["encode"] = await in_codec(inline,
-                                             segment_body, result, image, parsed.outputs)
+    inline = INLINE_OUTPUTS.issuperset(parsed.outputs) and _inline(engine, lambda: pixels)
+    body, timings["encode"] = await in_codec(inline, segment_body, result, image,
+                                             parsed.outputs)
     timings["total"] = (time.perf_counter() - began) * 1e3
     metrics.observe_stages(timings)
     body["batch_size"] = done.batch_size
