@@ -9,7 +9,7 @@ world, with the same crops as training (`PairDataset`), batch 32, AdamW. Two tow
 
 The last `--holdout` single-object images are never trained on and give the accuracy.
 
-    python scripts/shape_probe.py out/demo/world --towers vit,cnn --steps 1000
+    python scripts/shape_probe.py out/demo/train/world --towers vit,cnn --steps 1000
 """
 
 from __future__ import annotations

@@ -3,13 +3,13 @@
 # segclip/assets/demo_tiny.pt (docs/synthetic-world.md: recipe, measurements).
 #
 #   bash scripts/train_demo_tiny.sh            # or: make train-demo
-#   WORK=out/demo NUM=20000 THREADS=1 bash scripts/train_demo_tiny.sh
+#   WORK=out/demo/train NUM=20000 THREADS=1 bash scripts/train_demo_tiny.sh
 #
 # Resumable: rerunning continues an interrupted training run in $WORK/run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-WORK=${WORK:-out/demo}
+WORK=${WORK:-out/demo/train}  # `make demo TRAIN=1` uses the same (its own run/ is out/demo/run)
 NUM=${NUM:-20000}          # training pairs of the synthetic world (val/eval do not depend on it)
 THREADS=${THREADS:-1}      # one intra-op thread: the tiny model is fastest that way on a small CPU
 ASSET=${ASSET:-segclip/assets/demo_tiny.pt}
