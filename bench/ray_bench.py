@@ -19,7 +19,6 @@ latency, errors, mean batch size.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import statistics
@@ -104,21 +103,6 @@ def bench_data(args: argparse.Namespace) -> dict[str, Any]:
             "ratio_to_plain": {k: round(v / rates["plain"], 3) for k, v in rates.items()}}
 
 
-def _images_bytes(size: str) -> list[bytes]:
-    from PIL import Image
-
-    from bench._inputs import synthetic_scene
-
-    height, width = (int(v) for v in size.lower().split("x"))
-    out = []
-    for seed in range(8):
-        buffer = io.BytesIO()
-        Image.fromarray(synthetic_scene(height, width, seed)).save(buffer, format="JPEG",
-                                                                   quality=90)
-        out.append(buffer.getvalue())
-    return out
-
-
 def _wait_ready(url: str, times: int = 8) -> None:
     import httpx
 
@@ -138,13 +122,15 @@ def bench_serve(args: argparse.Namespace) -> dict[str, Any]:
     from ray import serve
 
     from bench._inputs import label_names
-    from bench.serve import run_server, start_server
+    from bench.serve import encode_bodies, make_images, run_server, start_server
     from segclip.runtime.serve.ray import RayServeOptions, build_app
     from segclip.runtime.serve.settings import ServeSettings
 
-    labels, images, cpus = label_names(args.labels), _images_bytes(args.size), _cpus()
+    labels, cpus = label_names(args.labels), _cpus()
+    bodies = encode_bodies(make_images(args.size), labels)
     plain_args = argparse.Namespace(bundle=args.bundle, max_batch=16, max_wait_ms=5.0,
-                                    timeout_s=600.0, threads=None, variant=None)
+                                    timeout_s=600.0, threads=None, variant=None,
+                                    server_cpus=None)
     process, plain_url = start_server(plain_args,
                                       Path(tempfile.mkdtemp(prefix="segclip-bench-")) / "log")
     port = int(plain_url.rsplit(":", 1)[1]) + 1
@@ -162,11 +148,10 @@ def bench_serve(args: argparse.Namespace) -> dict[str, Any]:
         raw: dict[str, list[dict]] = {name: [] for name in urls}
         for url in urls.values():
             _wait_ready(url)
-            run_server(url, images, labels, 8, 2)  # warm-up: label set, both towers
+            run_server(url, bodies, 8, 2)  # warm-up: label set, both towers
         for round_ in range(args.rounds):
             for name, url in urls.items():
-                raw[name].append(run_server(url, images, labels, args.requests,
-                                            args.concurrency))
+                raw[name].append(run_server(url, bodies, args.requests, args.concurrency))
                 print(f"round {round_ + 1} {name}: {raw[name][-1]['wall_s']:.1f} s",
                       flush=True)
     finally:
@@ -184,6 +169,9 @@ def _summary(runs: list[dict]) -> dict[str, Any]:
     from bench._stats import percentile
 
     latencies = [s * 1e3 for r in runs for s in r["latencies_s"]]
+    if not latencies:
+        statuses = sorted({s for r in runs for s in r["error_statuses"]})
+        raise SystemExit(f"error: every request failed (HTTP statuses {statuses})")
     batches = [b for r in runs for b in r["batch_sizes"]]
     ok = sum(r["requests"] - r["errors"] for r in runs)
     return {"requests_per_s": round(ok / sum(r["wall_s"] for r in runs), 2),

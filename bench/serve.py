@@ -185,13 +185,14 @@ class _Client:
 
         address = urlsplit(url)
         self.connection = http.client.HTTPConnection(address.hostname, address.port, timeout=300)
+        self.path = address.path.rstrip("/") + "/v1/segment"  # a Ray Serve route prefix kept
         self.bodies = bodies
 
     def post(self, index: int) -> tuple[float, int, dict[str, Any]]:
         """Request `index` (its image: bodies[index % len]): (latency s, status, JSON or {})."""
         body, content_type = self.bodies[index % len(self.bodies)]
         start = time.perf_counter()
-        self.connection.request("POST", "/v1/segment", body=body,
+        self.connection.request("POST", self.path, body=body,
                                 headers={"Content-Type": content_type})
         response = self.connection.getresponse()
         data = response.read()

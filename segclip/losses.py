@@ -1,10 +1,12 @@
 """Training losses (paper §2.1, §2.3, §2.4; docs/official-implementation.md §2): contrastive, MAE,
-superpixel KL.
+superpixel KL; and the names losses of from-scratch training (segclip/training/names.py).
 
 Legend: B batch, N patches, L regions, D embedding width.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -98,3 +100,29 @@ def names_loss(regions: torch.Tensor, present: torch.Tensor, text: torch.Tensor,
         return logits.sum() * 0.0
     wanted = targets[rows] / counts[rows].unsqueeze(-1)  # (B', C)
     return -(wanted * F.log_softmax(logits[rows], dim=-1)).sum(dim=-1).mean()
+
+
+def names_flat_loss(regions: torch.Tensor, present: torch.Tensor, text: torch.Tensor,
+                    targets: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Flat names on the regions no mentioned name picks (segclip/training/names.py).
+
+    In each image whose caption mentions a name, a name picks its best present region (as in
+    `names_loss`); every other present region should match no name better than another, so its
+    softmax over the C names is pulled to uniform: KL(uniform || softmax), 0 when flat. Averaged
+    over those regions (0 when there are none).
+
+    Args: as `names_loss`.
+    """
+    similarity = regions @ text.t()  # (B, L, C)
+    similarity = similarity.masked_fill(~present.unsqueeze(-1), float("-inf"))
+    best = similarity.detach().argmax(dim=1)  # (B, C): each name's region
+    picked = torch.zeros_like(present)  # (B, L)
+    mentioned = targets > 0  # (B, C)
+    rows, names = mentioned.nonzero(as_tuple=True)
+    picked[rows, best[rows, names]] = True
+    others = present & ~picked & mentioned.any(dim=-1, keepdim=True)  # (B, L)
+    if not bool(others.any()):
+        return regions.sum() * 0.0
+    log_p = F.log_softmax(logit_scale * similarity[others], dim=-1)  # (R, C)
+    count = text.shape[0]
+    return (-log_p.mean(dim=-1) - math.log(count)).mean()

@@ -23,6 +23,7 @@ from torch import nn
 from segclip.config import ModelConfig
 from segclip.losses import (
     contrastive_loss,
+    names_flat_loss,
     names_loss,
     reconstruction_loss,
     superpixel_kl_loss,
@@ -48,6 +49,7 @@ class LossWeights:
     reconstruction: float = 1.0
     superpixel_kl: float = 1.0
     names: float = 0.0  # the names loss (segclip/training/names.py); needs `names` in forward
+    names_flat: float = 0.0  # flat names on the regions no mentioned name picks; needs `names`
 
 
 class SegCLIP(nn.Module):
@@ -185,7 +187,7 @@ class SegCLIP(nn.Module):
             superpixels: (B, N) super-patch labels; needed when the KL weight is > 0.
             weights: loss weights; a zero weight skips that loss's computation.
             names: ((C, C') prompt token ids of the names, (B, C) multi-hot mentions); needed
-                when the names weight is > 0.
+                when the names or names_flat weight is > 0.
         """
         grouped, global_embedding, regions, _, _ = self.forward_group(images)
         terms: dict[str, torch.Tensor] = {}
@@ -199,14 +201,17 @@ class SegCLIP(nn.Module):
                 raise ValueError("superpixel_kl weight > 0 needs `superpixels` (B, N) labels")
             terms["superpixel_kl"] = weights.superpixel_kl * superpixel_kl_loss(
                 grouped.hard.transpose(1, 2), superpixels)
-        if weights.names:
+        if weights.names or weights.names_flat:
             if names is None:
-                raise ValueError("names weight > 0 needs `names` (prompt tokens, mentions)")
+                raise ValueError("names weights > 0 need `names` (prompt tokens, mentions)")
             prompts, mentions = names
             present = grouped.hard.detach().sum(dim=-1) > 0  # (B, L)
-            terms["names"] = weights.names * names_loss(
-                F.normalize(regions, dim=-1), present, self.encode_text(prompts), mentions,
-                self.scale())
+            args = (F.normalize(regions, dim=-1), present, self.encode_text(prompts), mentions,
+                    self.scale())
+            if weights.names:
+                terms["names"] = weights.names * names_loss(*args)
+            if weights.names_flat:
+                terms["names_flat"] = weights.names_flat * names_flat_loss(*args)
         if weights.reconstruction:
             if self.reconstruction is None:
                 raise ValueError("reconstruction weight > 0 but the model was built with "

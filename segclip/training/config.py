@@ -54,6 +54,9 @@ class TrainConfig:
     # world's classes.txt) or a preset, as `segclip-eval --classes` takes it
     names_weight: float = 0.0
     names: str = ""
+    # ... and the regions no mentioned name picks pulled to flat name scores, so that background
+    # regions stay under the inference threshold (`segclip.losses.names_flat_loss`)
+    names_flat_weight: float = 0.0
     # Gumbel temperature: None keeps the model's tau; else annealed geometrically start -> end
     gumbel_tau_start: float | None = None
     gumbel_tau_end: float | None = None
@@ -83,7 +86,8 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "lower_lr", "weight_decay", "grad_clip", "contrastive_weight",
-                     "reconstruction_weight", "superpixel_kl_weight", "names_weight"):
+                     "reconstruction_weight", "superpixel_kl_weight", "names_weight",
+                     "names_flat_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.warmup < 1.0:
@@ -105,11 +109,11 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name} must be > 0, got {value}")
-        if self.names_weight > 0 and not self.names:
-            raise ConfigError("names_weight > 0 needs names=FILE (one name per line, e.g. the "
-                              "world's classes.txt)")
+        if self.names_weight + self.names_flat_weight > 0 and not self.names:
+            raise ConfigError("names_weight or names_flat_weight > 0 needs names=FILE (one name "
+                              "per line, e.g. the world's classes.txt)")
         if (self.contrastive_weight + self.reconstruction_weight + self.superpixel_kl_weight
-                + self.names_weight == 0):
+                + self.names_weight + self.names_flat_weight == 0):
             raise ConfigError("all loss weights are 0; at least one loss must be on")
 
     def to_dict(self) -> dict[str, Any]:

@@ -9,7 +9,8 @@ out of training never become negatives everywhere. The loss (`segclip.losses.nam
 every region against the prompt `template.format(name)` of every kept name, the way zero-shot
 segmentation scores them, and asks the best region of each image to pick the names its caption
 mentions: supervision read from the caption text alone, as in GroupViT's multi-label contrastive
-loss over the nouns of a caption.
+loss over the nouns of a caption. `segclip.losses.names_flat_loss` (`names_flat_weight`) pulls
+the regions no mentioned name picks towards equal scores for every name.
 """
 
 from __future__ import annotations

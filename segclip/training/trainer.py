@@ -206,7 +206,7 @@ def _setup(info: DistInfo, model_config: ModelConfig | None, config: TrainConfig
     names = (NameTargets.build([dataset.caption(i) for i in range(len(dataset))],
                                load_classes(config.names).names,
                                model_config.train_context_length, device=info.device)
-             if config.names_weight > 0 else None)
+             if config.names_weight > 0 or config.names_flat_weight > 0 else None)
     phases = plan_phases(dataset, config.steps, config.epochs, config.curriculum_steps,
                          config.batch_size, info.world_size, config.colour_groups)
     optimizer = build_optimizer(model, config)
@@ -334,7 +334,8 @@ def _loop(run: _Run, stop_after: int | None, progress: bool) -> TrainResult:
     config, total = run.config, run.sampler.total
     stop = total if stop_after is None else min(stop_after, total)
     weights = LossWeights(config.contrastive_weight, config.reconstruction_weight,
-                          config.superpixel_kl_weight, config.names_weight)
+                          config.superpixel_kl_weight, config.names_weight,
+                          config.names_flat_weight)
     result = TrainResult(run.out, run.step, total, run.skipped, run.elapsed,
                          rank=run.info.rank)
     run.model.train()

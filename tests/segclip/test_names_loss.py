@@ -16,7 +16,7 @@ from segclip.config import ModelConfig
 from segclip.data.pairs import PairDataset, PairsConfig
 from segclip.errors import ConfigError, DataError
 from segclip.evaluation.datasets import load_classes
-from segclip.losses import names_loss
+from segclip.losses import names_flat_loss, names_loss
 from segclip.training import TrainConfig, train
 from segclip.training.names import NameTargets, mentioned, name_pattern
 
@@ -94,9 +94,67 @@ def test_names_loss_reaches_only_present_regions() -> None:
     assert float(none.detach()) == 0.0 and none.requires_grad
 
 
+def literal_names_flat_loss(regions, present, text, targets, scale) -> torch.Tensor:
+    """Per image with a mention: each mentioned name picks its best present region; every other
+    present region's softmax over all names against the uniform distribution, KL(u || p)."""
+    losses = []
+    count = text.shape[0]
+    for b in range(regions.shape[0]):
+        wanted = [c for c in range(count) if targets[b, c] > 0]
+        if not wanted:
+            continue
+        rows = [r for r in range(regions.shape[1]) if present[b, r]]
+        picked = {max(rows, key=lambda r: float(regions[b, r] @ text[c])) for c in wanted}
+        for r in rows:
+            if r in picked:
+                continue
+            scores = [scale * float(regions[b, r] @ text[c]) for c in range(count)]
+            log_norm = math.log(sum(math.exp(s) for s in scores))
+            losses.append(sum((1 / count) * (math.log(1 / count) - (s - log_norm))
+                              for s in scores))
+    return torch.tensor(sum(losses) / len(losses), dtype=torch.float64)
+
+
+def test_names_flat_loss_matches_the_literal_loop() -> None:
+    gen = torch.Generator().manual_seed(2)
+    regions = F.normalize(torch.randn(6, 5, 8, generator=gen, dtype=torch.float64), dim=-1)
+    text = F.normalize(torch.randn(7, 8, generator=gen, dtype=torch.float64), dim=-1)
+    present = torch.rand(6, 5, generator=gen) > 0.3
+    present[:, :2] = True
+    targets = (torch.rand(6, 7, generator=gen) > 0.7).double()
+    targets[3] = 0  # a caption that mentions none: its regions are not pulled
+    targets[0, 2] = 1
+    got = names_flat_loss(regions, present, text, targets, torch.tensor(9.0, dtype=torch.float64))
+    want = literal_names_flat_loss(regions, present, text, targets, 9.0)
+    assert float(want) > 0
+    torch.testing.assert_close(got, want)
+
+
+def test_names_flat_loss_spares_picked_regions_and_is_zero_when_flat() -> None:
+    text = torch.eye(4)  # (C, D): name c is axis c
+    regions = torch.tensor([[[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0.5, 0.5, 0.5, 0.5]]])  # (1, 3, 4)
+    regions.requires_grad_()
+    present = torch.ones(1, 3, dtype=torch.bool)
+    targets = torch.tensor([[1.0, 1.0, 0, 0]])  # names 0 and 1 pick regions 0 and 1
+    flat = names_flat_loss(regions, present, text, targets, torch.tensor(10.0))
+    assert abs(float(flat.detach())) < 1e-6  # region 2 scores every name alike
+    regions2 = regions.detach().clone()
+    regions2[0, 2] = torch.tensor([0.0, 0.0, 1.0, 0.0])  # region 2 now names "2"
+    regions2.requires_grad_()
+    loss = names_flat_loss(regions2, present, text, targets, torch.tensor(10.0))
+    loss.backward()
+    assert float(loss.detach()) > 1.0
+    assert regions2.grad[0, :2].abs().max() == 0 and regions2.grad[0, 2].abs().max() > 0
+    none = names_flat_loss(regions2, present, text, torch.zeros(1, 4), torch.tensor(10.0))
+    assert float(none.detach()) == 0.0 and none.requires_grad
+
+
 def test_names_weight_needs_a_names_file() -> None:
-    with pytest.raises(ConfigError, match="names_weight > 0 needs names=FILE"):
-        TrainConfig(names_weight=1.0)
+    for weight in ("names_weight", "names_flat_weight"):
+        with pytest.raises(ConfigError, match="needs names=FILE"):
+            TrainConfig(**{weight: 1.0})
+    with pytest.raises(ConfigError, match="names_flat_weight must be >= 0"):
+        TrainConfig(names_flat_weight=-1.0, names="classes.txt")
     with pytest.raises(ConfigError, match="names_weight must be >= 0"):
         TrainConfig(names_weight=-1.0, names="classes.txt")
 
@@ -105,12 +163,15 @@ def test_a_run_trains_with_the_names_loss(synth_world: Path, tmp_path: Path) -> 
     model = ModelConfig.preset("tiny", vision_layers=2, group_layer=1, text_layers=1)
     config = TrainConfig(steps=3, batch_size=8, lower_lr_scope="none", freeze_embeddings=False,
                          lr=1e-3, ckpt_every=0, log_every=1, names_weight=1.0,
-                         names=str(synth_world / "classes.txt"), captions="objects")
+                         names_flat_weight=0.5, names=str(synth_world / "classes.txt"),
+                         captions="objects")
     run = train(model, config, [synth_world], tmp_path / "run", progress=False)
     records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text()
                .splitlines()]
-    values = np.array([r["names"] for r in records])
-    assert len(values) == 3 and np.isfinite(values).all() and (values > 0).all()
+    for term in ("names", "names_flat"):
+        values = np.array([r[term] for r in records])
+        assert len(values) == 3 and np.isfinite(values).all() and (values >= 0).all()
+    assert all(r["names"] > 0 for r in records)
     assert sorted(run.losses) == [1, 2, 3]
 
 
