@@ -22,24 +22,23 @@ $PY -m segclip.cli.data superpixels "$WORK/world" --quiet
 
 resume=()
 [ -f "$WORK/run/train_state.pt" ] && resume=(--resume)
-# the synth recipe with the hybrid patch stem and the names loss over the world's class names
-# (docs/synthetic-world.md "Names loss and an earlier assignment layer": run Y1)
+# the synth recipe with the hybrid patch stem, 16 centers and the names loss over the world's
+# class names, seed 1 (docs/synthetic-world.md "Sixteen centers": run K16, seed 1)
+OPTIONS=(--model-set patch_stem=hybrid --model-set num_centers=16 --set names_weight=1 --set seed=1)
 $PY -m segclip.cli.train --config tiny --recipe synth --data "$WORK/world" --out "$WORK/run" \
-    --model-set patch_stem=hybrid --set names_weight=1 --set names="$WORK/world/classes.txt" \
-    --threads "$THREADS" "${resume[@]}"
+    "${OPTIONS[@]}" --set names="$WORK/world/classes.txt" --threads "$THREADS" "${resume[@]}"
 
 $PY -m segclip.cli.evaluate "$WORK/run/ckpt.pt" --data "$WORK/world/eval" --diagnostics \
     --out "$WORK/eval.json" --quiet
-$PY - "$WORK/run/ckpt.pt" "$ASSET" <<'PYEOF'
+$PY - "$WORK/run/ckpt.pt" "$ASSET" "${OPTIONS[*]}" <<'PYEOF'
 import sys
 
 from segclip.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 
-source, target = sys.argv[1], sys.argv[2]
+source, target, options = sys.argv[1], sys.argv[2], sys.argv[3]
 meta = dict(read_checkpoint(source)["meta"])
 meta.pop("train_config", None)
-meta.update({"source": "scripts/train_demo_tiny.sh", "recipe": "synth",
-             "options": "--model-set patch_stem=hybrid --set names_weight=1"})
+meta.update({"source": "scripts/train_demo_tiny.sh", "recipe": "synth", "options": options})
 path = save_checkpoint(load_checkpoint(source), target, meta=meta, inference_only=True, half=True)
 print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 PYEOF

@@ -39,9 +39,9 @@ def test_demo_asset_scores_above_all_background(eval_set: Path) -> None:
     result = evaluate_model(model, data, names, 0.8, diagnostics=True,
                             held_out=find_held_out(data.root))
     baseline = result.diagnostics["all_background_miou"]
-    # measured when the model was trained: mIoU 8.23 %, all-background 3.56 %, oracle 60.5 %,
-    # colour named right on 86.3 % of foreground pixels
-    assert result.miou == pytest.approx(0.0823, abs=0.002)
+    # measured when the model was trained: mIoU 10.69 %, all-background 3.56 %, oracle 56.3 %,
+    # colour named right on 81.7 % of foreground pixels
+    assert result.miou == pytest.approx(0.1069, abs=0.002)
     assert result.miou > baseline + 0.04
     assert result.diagnostics["oracle_miou"] > 0.55
     assert result.diagnostics["colour_accuracy"] > 0.80

@@ -69,15 +69,24 @@ def literal_names_loss(regions, present, text, targets, scale) -> torch.Tensor:
     return torch.tensor(sum(losses) / len(losses), dtype=torch.float64)
 
 
-def test_names_loss_matches_the_literal_loop() -> None:
-    gen = torch.Generator().manual_seed(0)
-    regions = F.normalize(torch.randn(5, 4, 8, generator=gen, dtype=torch.float64), dim=-1)
-    text = F.normalize(torch.randn(6, 8, generator=gen, dtype=torch.float64), dim=-1)
-    present = torch.rand(5, 4, generator=gen) > 0.3
-    present[:, 0] = True
-    targets = (torch.rand(5, 6, generator=gen) > 0.6).double()
-    targets[2] = 0  # a caption that mentions none: skipped
+def random_case(seed: int, images: int, regions: int, names: int, mention: float,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(regions (B, L, 8), text (C, 8), present (B, L), targets (B, C)) in float64; the first
+    two regions are always present, image 0 mentions name 1 and image 2 mentions none."""
+    gen = torch.Generator().manual_seed(seed)
+    region = F.normalize(torch.randn(images, regions, 8, generator=gen, dtype=torch.float64),
+                         dim=-1)
+    text = F.normalize(torch.randn(names, 8, generator=gen, dtype=torch.float64), dim=-1)
+    present = torch.rand(images, regions, generator=gen) > 0.3
+    present[:, :2] = True
+    targets = (torch.rand(images, names, generator=gen) > 1 - mention).double()
+    targets[2] = 0
     targets[0, 1] = 1
+    return region, text, present, targets
+
+
+def test_names_loss_matches_the_literal_loop() -> None:
+    regions, text, present, targets = random_case(0, 5, 4, 6, 0.4)
     got = names_loss(regions, present, text, targets, torch.tensor(7.0, dtype=torch.float64))
     torch.testing.assert_close(got, literal_names_loss(regions, present, text, targets, 7.0))
 
@@ -116,14 +125,7 @@ def literal_names_flat_loss(regions, present, text, targets, scale) -> torch.Ten
 
 
 def test_names_flat_loss_matches_the_literal_loop() -> None:
-    gen = torch.Generator().manual_seed(2)
-    regions = F.normalize(torch.randn(6, 5, 8, generator=gen, dtype=torch.float64), dim=-1)
-    text = F.normalize(torch.randn(7, 8, generator=gen, dtype=torch.float64), dim=-1)
-    present = torch.rand(6, 5, generator=gen) > 0.3
-    present[:, :2] = True
-    targets = (torch.rand(6, 7, generator=gen) > 0.7).double()
-    targets[3] = 0  # a caption that mentions none: its regions are not pulled
-    targets[0, 2] = 1
+    regions, text, present, targets = random_case(2, 6, 5, 7, 0.3)
     got = names_flat_loss(regions, present, text, targets, torch.tensor(9.0, dtype=torch.float64))
     want = literal_names_flat_loss(regions, present, text, targets, 9.0)
     assert float(want) > 0
