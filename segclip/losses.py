@@ -76,6 +76,13 @@ def superpixel_kl_loss(hard: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return (kl_m_p + kl_p_m) / 2
 
 
+def _region_name_similarity(regions: torch.Tensor, present: torch.Tensor,
+                            text: torch.Tensor) -> torch.Tensor:
+    """(B, L, C) cosines of regions (B, L, D) with names (C, D); -inf where a region is absent."""
+    similarity = regions @ text.t()  # (B, L, C)
+    return similarity.masked_fill(~present.unsqueeze(-1), float("-inf"))
+
+
 def names_loss(regions: torch.Tensor, present: torch.Tensor, text: torch.Tensor,
                targets: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """Multi-label cross-entropy of the names each caption mentions (segclip/training/names.py).
@@ -91,8 +98,7 @@ def names_loss(regions: torch.Tensor, present: torch.Tensor, text: torch.Tensor,
         targets: (B, C) multi-hot mentions.
         logit_scale: the contrastive multiplier (already clamped).
     """
-    similarity = regions @ text.t()  # (B, L, C)
-    similarity = similarity.masked_fill(~present.unsqueeze(-1), float("-inf"))
+    similarity = _region_name_similarity(regions, present, text)  # (B, L, C)
     logits = logit_scale * similarity.amax(dim=1)  # (B, C)
     counts = targets.sum(dim=-1)  # (B,)
     rows = counts > 0
@@ -113,8 +119,7 @@ def names_flat_loss(regions: torch.Tensor, present: torch.Tensor, text: torch.Te
 
     Args: as `names_loss`.
     """
-    similarity = regions @ text.t()  # (B, L, C)
-    similarity = similarity.masked_fill(~present.unsqueeze(-1), float("-inf"))
+    similarity = _region_name_similarity(regions, present, text)  # (B, L, C)
     best = similarity.detach().argmax(dim=1)  # (B, C): each name's region
     picked = torch.zeros_like(present)  # (B, L)
     mentioned = targets > 0  # (B, C)
