@@ -121,22 +121,26 @@ def start_server(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen,
         command += ["--variant", args.variant]
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    if args.server_cpus:  # before the server starts its engine threads, which inherit it
-        os.sched_setaffinity(process.pid, args.server_cpus)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_S
-    while True:
-        if process.poll() is not None:
-            raise SystemExit(f"error: segclip-serve exited: {log.read_text()}")
-        try:
-            if httpx.get(url + "/readyz", timeout=5).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            process.kill()
-            raise SystemExit(f"error: segclip-serve not ready after {STARTUP_S} s")
-        time.sleep(0.2)
+    try:  # whatever stops the start (a bad CPU list, a timeout, Ctrl-C), no server is left behind
+        if args.server_cpus:  # before the server starts its engine threads, which inherit it
+            os.sched_setaffinity(process.pid, args.server_cpus)
+        deadline = time.monotonic() + STARTUP_S
+        while True:
+            if process.poll() is not None:
+                raise SystemExit(f"error: segclip-serve exited: {log.read_text()}")
+            try:
+                if httpx.get(url + "/readyz", timeout=5).status_code == 200:
+                    return process, url
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"error: segclip-serve not ready after {STARTUP_S} s")
+            time.sleep(0.2)
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
 
 
 def make_images(size: str, count: int = 8) -> list[bytes]:

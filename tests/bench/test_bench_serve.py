@@ -63,3 +63,25 @@ def test_serve_bench_refuses_a_bad_cpu_list(bench_bundle: Path) -> None:
     proc = subprocess.run([sys.executable, str(bench), "--bundle", str(bench_bundle),
                            "--server-cpus", "zero"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "not a CPU list" in proc.stderr
+
+
+def test_a_failed_server_start_leaves_no_server(bench_bundle: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+    import subprocess
+
+    from bench import serve as bench_serve
+
+    started: list[subprocess.Popen] = []
+
+    class Recorded(subprocess.Popen):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    monkeypatch.setattr(bench_serve.subprocess, "Popen", Recorded)
+    args = argparse.Namespace(bundle=bench_bundle, max_batch=4, max_wait_ms=5.0, timeout_s=60.0,
+                              threads=1, variant=None, server_cpus=frozenset({1_000_000}))
+    with pytest.raises(OSError):  # no such CPU: the affinity call fails after the start
+        bench_serve.start_server(args, tmp_path / "log")
+    assert len(started) == 1 and started[0].poll() is not None
