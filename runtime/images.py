@@ -29,6 +29,7 @@ from segclip.runtime.contract import CLIP_MEAN, CLIP_STD
 from segclip.runtime.errors import ImageError
 from segclip.runtime.windows import MAX_WINDOWS, resized_size, window_boxes
 
+EXIF_ORIENTATION = 0x0112  # the EXIF tag exif_transpose acts on
 DEFAULT_MAX_PIXELS = 100_000_000  # refuse larger images (decompression bombs, memory)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # scaled 0..65535 -> 0..255
 
@@ -51,7 +52,9 @@ def _to_rgb_array(image: Image.Image) -> np.ndarray:
         values = np.asarray(image, dtype=np.float64)
         grey = np.rint(np.clip(values, 0, 65535) / 257.0).astype(np.uint8)
         return np.repeat(grey[:, :, None], 3, axis=2)
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(image, dtype=np.uint8)
 
 
 def _from_array(array: np.ndarray, max_pixels: int) -> np.ndarray:
@@ -76,7 +79,8 @@ def _from_pil(image: Image.Image, max_pixels: int, source: str) -> np.ndarray:
             image.seek(0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = ImageOps.exif_transpose(image)
+            if image.getexif().get(EXIF_ORIENTATION, 1) not in (None, 1):
+                image = ImageOps.exif_transpose(image)  # a transposed copy; the caller's stays
             return _to_rgb_array(image)
     except (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, KeyError) as e:
         raise ImageError(f"image {source} is truncated or corrupt ({e}); re-save or replace "

@@ -111,9 +111,7 @@ class _CountRequests:
 def _api_key_check(settings: ServeSettings):
     keys = [k.encode("utf-8") for k in sorted(settings.api_keys)]
 
-    async def check(request: Request) -> None:
-        if not keys:
-            return
+    async def check(request: Request) -> None:  # installed only when keys are configured
         given = request.headers.get("x-api-key")
         auth = request.headers.get("authorization", "")
         if given is None and auth[:7].lower() == "bearer ":
@@ -175,7 +173,7 @@ def build_app(engine: Any, settings: ServeSettings,
                   description="Open-vocabulary semantic segmentation (SegCLIP) over HTTP.")
     app.state.metrics, app.state.engine, app.state.label_sets = metrics, engine, label_sets
     install_handlers(app)
-    guarded = [Depends(_api_key_check(settings))]
+    guarded = [Depends(_api_key_check(settings))] if settings.api_keys else []
     page = resources.files("segclip.runtime.serve").joinpath("static/index.html").read_text(
         encoding="utf-8")
     routes = {"/", "/healthz", "/readyz", "/metrics", "/v1/model", "/v1/label-sets",
@@ -272,7 +270,7 @@ async def _segment(request: Request, engine: Any, settings: ServeSettings, metri
     result = done.result
     timings = {"queue": done.queue_ms, "decode": decode_ms,
                **{k: result.timings[k] for k in ("preprocess", "text", "image", "assign")}}
-    metrics.label_sets.labels("hit" if result.timings["text"] == 0 else "miss").inc()
+    metrics.label_set_lookup(hit=result.timings["text"] == 0)
     if done.first_in_batch:
         metrics.batch_size.observe(done.batch_size)
     accept = request.headers.get("accept", "")

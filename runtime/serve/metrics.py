@@ -37,11 +37,16 @@ class Metrics:
                                   "Label-set embedding lookups: hit (cached) or miss (computed)",
                                   ["result"], registry=self.registry)
         self.ready = Gauge("segclip_ready", "1 once warm-up has run", registry=self.registry)
+        self._stages = {stage: self.stage_seconds.labels(stage) for stage in STAGES}
+        self._cache = {result: self.label_sets.labels(result) for result in ("hit", "miss")}
 
     def observe_stages(self, timings_ms: dict[str, float]) -> None:
-        for stage in STAGES:
+        for stage, histogram in self._stages.items():  # children looked up once, at start
             if stage in timings_ms:
-                self.stage_seconds.labels(stage).observe(timings_ms[stage] / 1e3)
+                histogram.observe(timings_ms[stage] / 1e3)
+
+    def label_set_lookup(self, hit: bool) -> None:
+        self._cache["hit" if hit else "miss"].inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

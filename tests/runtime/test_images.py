@@ -7,7 +7,7 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from segclip.runtime.contract import CLIP_MEAN, CLIP_STD
 from segclip.runtime.errors import ImageError
@@ -83,6 +83,21 @@ def test_exif_orientation_is_applied(tmp_path):
     loaded = load_image(tmp_path / "rot.png")
     assert loaded.shape == (6, 4, 3)
     assert tuple(loaded[0, -1]) == (255, 0, 0)  # top-left moved to top-right
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_matches_pillow_and_leaves_the_callers_image(tmp_path, orientation):
+    pixels = np.random.default_rng(orientation).integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    image.save(tmp_path / "o.png", exif=exif)
+    with Image.open(tmp_path / "o.png") as opened:
+        expected = np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))  # the reference
+    with Image.open(tmp_path / "o.png") as opened:
+        loaded = load_image(opened)
+        assert opened.size == (6, 4) and opened.getexif().get(0x0112) == orientation
+    np.testing.assert_array_equal(loaded, expected)
 
 
 def test_animation_gives_first_frame(tmp_path):
