@@ -22,14 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from segclip.runtime._interp import blend, linear_taps
 from segclip.runtime.contract import CLIP_MEAN, CLIP_STD
 from segclip.runtime.errors import ImageError
 from segclip.runtime.windows import MAX_WINDOWS, resized_size, window_boxes
 
-EXIF_ORIENTATION = 0x0112  # the EXIF tag exif_transpose acts on
 DEFAULT_MAX_PIXELS = 100_000_000  # refuse larger images (decompression bombs, memory)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # scaled 0..65535 -> 0..255
 
@@ -79,7 +78,7 @@ def _from_pil(image: Image.Image, max_pixels: int, source: str) -> np.ndarray:
             image.seek(0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            if image.getexif().get(EXIF_ORIENTATION, 1) not in (None, 1):
+            if image.getexif().get(ExifTags.Base.Orientation, 1) not in (None, 1):
                 image = ImageOps.exif_transpose(image)  # a transposed copy; the caller's stays
             return _to_rgb_array(image)
     except (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, KeyError) as e:
