@@ -153,11 +153,11 @@ def _direct_labels(source: np.ndarray, rows: Taps, cols: Taps, row_tiles: np.nda
         source: (L, Hs, Ws) float32 soft assignment (window maps stacked into one mosaic).
         rows, cols: taps into Hs / Ws for each output row (H) / column (W).
         row_tiles, col_tiles: (H,), (W,) window row / column owning each output row / column.
-        table: (ny, nx, L) uint16 region labels per window.
+        table: (ny, nx, L) uint16 (or uint32) region labels per window; the map has its dtype.
     """
     num_regions = source.shape[0]
     height, width = rows.lo.shape[0], cols.lo.shape[0]
-    out = np.empty((height, width), dtype=np.uint16)  # (H, W)
+    out = np.empty((height, width), dtype=table.dtype)  # (H, W)
     step = max(1, chunk_elements // (num_regions * width))
     col_frac = cols.frac[None, None, :]  # (1, 1, W)
     for start in range(0, height, step):
@@ -231,7 +231,7 @@ def _fused_labels(source: np.ndarray, rows: Taps, cols: Taps, row_tiles: np.ndar
         rows, cols: taps into Hs / Ws for each output row (H) / column (W); lower taps are
             non-decreasing.
         row_tiles, col_tiles: (H,), (W,) window row / column owning each output row / column.
-        table: (ny, nx, L) uint16 region labels per window.
+        table: (ny, nx, L) uint16 (or uint32) region labels per window.
     """
     margin = _margin(source)
     grid_rows = min(source.shape[1], rows.lo.size)
@@ -283,14 +283,14 @@ def _argmax_labels(top: np.ndarray, rise: np.ndarray, frac: np.ndarray,
 
     Args:
         top, rise: (K, Wm) float32 lerp base and slope per candidate and column.
-        frac: (r, 1) float32 row weights; labels: (K, Wm) uint16.
+        frac: (r, 1) float32 row weights; labels: (K, Wm) uint16 (or uint32).
 
     Returns:
-        (r, Wm) uint16 labels.
+        (r, Wm) labels of `labels`' dtype.
     """
     best = rise[0] * frac  # (r, Wm)
     best += top[0]
-    out = np.empty(best.shape, dtype=np.uint16)  # (r, Wm)
+    out = np.empty(best.shape, dtype=labels.dtype)  # (r, Wm)
     out[:] = labels[0]
     value, better = np.empty_like(best), np.empty(best.shape, dtype=bool)  # (r, Wm) each
     for k in range(1, top.shape[0]):
@@ -363,8 +363,29 @@ def assign_windows(assign: np.ndarray, region_label: np.ndarray, resized_hw: Seq
     Returns:
         (H, W) uint16 labels, 0 = background, i = i-th label.
     """
+    return _window_lookup(assign, np.asarray(region_label, dtype=np.uint16), resized_hw, window,
+                          out_hw, chunk_elements)
+
+
+def window_cells(assign: np.ndarray, resized_hw: Sequence[int], window: int,
+                 out_hw: Sequence[int], chunk_elements: int = CHUNK_ELEMENTS) -> np.ndarray:
+    """Which (window, region) each output pixel belongs to: `assign_windows` with the table
+    i * L + l in place of region labels, so `table.reshape(-1)[cells]` is `assign_windows(...,
+    table, ...)` for any table of region labels.
+
+    Returns:
+        (H, W) cell index i * L + l, uint16 when n * L <= 65536, else uint32.
+    """
+    num, regions = np.shape(assign)[:2]
+    dtype = np.uint16 if num * regions <= 1 << 16 else np.uint32
+    cells = np.arange(num * regions, dtype=dtype).reshape(num, regions)  # (n, L)
+    return _window_lookup(assign, cells, resized_hw, window, out_hw, chunk_elements)
+
+
+def _window_lookup(assign: np.ndarray, region_label: np.ndarray, resized_hw: Sequence[int],
+                   window: int, out_hw: Sequence[int], chunk_elements: int) -> np.ndarray:
+    """`assign_windows` for a table of any unsigned integer dtype (the map has that dtype)."""
     assign = np.asarray(assign, dtype=np.float32)
-    region_label = np.asarray(region_label, dtype=np.uint16)
     resized_h, resized_w = (int(v) for v in resized_hw)
     grid_y, grid_x = window_grid(resized_h, resized_w, window)
     if assign.ndim != 4 or assign.shape[0] != grid_y * grid_x:

@@ -12,7 +12,8 @@ resize the short side to S and cut S x S windows (`images.preprocess`), run the 
 the image tower in batches of at most `batch_size` (a TensorRT profile's maximum caps it),
 score each window's regions against the label embeddings (`assign.region_scores`,
 `assign.region_labels`), and label every pixel at the original resolution
-(`assign.assign_windows`, or the CUDA kernel when the backend keeps the assignment on the GPU).
+(`scores.labels_and_scores`: one `assign.window_cells` pass gives the label map and the per-label
+scores; or the CUDA kernel when the backend keeps the assignment on the GPU).
 Label embeddings are computed once per label set (`embeddings.LabelEmbeddings`).
 
 One `Segmenter` may be used from many threads at once: backends are thread-safe (ONNX Runtime
@@ -31,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from segclip.runtime.assign import assign_windows, region_labels, region_scores
+from segclip.runtime.assign import region_labels, region_scores
 from segclip.runtime.backends import create_backend
 from segclip.runtime.backends.base import ImageOutputs, concat_outputs
 from segclip.runtime.bundle import Bundle
@@ -40,7 +41,7 @@ from segclip.runtime.errors import EngineError, LabelFileError
 from segclip.runtime.images import DEFAULT_MAX_PIXELS, ImageSource, PreparedImage, load_image
 from segclip.runtime.images import preprocess as preprocess_image
 from segclip.runtime.labels import LabelSource, load_labels
-from segclip.runtime.scores import label_scores, region_label_probability
+from segclip.runtime.scores import labels_and_scores, region_label_probability
 
 BACKGROUND = "background"  # name of label-map value 0 in counts, fractions and legends
 DEFAULT_BATCH_SIZE = 16  # windows per image-engine call
@@ -282,12 +283,11 @@ class Segmenter:
             part = slice(first, first + count)
             table, scores = labeler(outputs.global_[part], outputs.regions[part],
                                     with_scores=True)  # (n, L), (n, L, T)
-            label_map = assign_windows(outputs.assign[part], table, item.resized_hw,
-                                       item.window, item.original_hw)  # (H, W)
-            extras.append(label_scores(
-                outputs.assign[part], region_label_probability(scores, table), label_map,
-                len(names), item.resized_hw, item.window,
-                scores.max(axis=-1) if self.confidence else None))
+            label_map, means, confidence = labels_and_scores(
+                outputs.assign[part], table, region_label_probability(scores, table),
+                len(names), item.resized_hw, item.window, item.original_hw,
+                scores.max(axis=-1) if self.confidence else None)  # (H, W), (T,), (H, W)
+            extras.append((means, confidence))
             maps.append(label_map)
             stages.append((image_ms * count / windows.shape[0],
                            (time.perf_counter() - began) * 1e3))

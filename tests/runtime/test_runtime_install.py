@@ -211,7 +211,9 @@ def test_runtime_with_the_serve_extra_serves_without_torch(serve_env: Path, tiny
 
     python = serve_env / "bin" / "python"
     run([str(python), "-c", "import importlib.util, segclip.runtime.serve; "
-         "assert importlib.util.find_spec('torch') is None"], timeout=120, cwd=tmp_path)
+         "assert importlib.util.find_spec('torch') is None; "
+         "assert importlib.util.find_spec('httptools') and importlib.util.find_spec('uvloop')"],
+        timeout=120, cwd=tmp_path)
     with serve(tiny_bundle, tmp_path, program=[str(serve_env / "bin" / "segclip-serve")]) as server:
         buffer = io.BytesIO()
         Image.new("RGB", (96, 64), (200, 30, 30)).save(buffer, format="PNG")

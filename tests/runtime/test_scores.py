@@ -1,5 +1,6 @@
-"""segclip.runtime.scores: per-label mean probability and the confidence map, against a naive
-per-pixel reference (interpolate every region's assignment, argmax, look up P)."""
+"""segclip.runtime.scores: the label map, per-label mean probability and the confidence map from
+one cell pass, against a naive per-pixel reference (interpolate every region's assignment,
+argmax, look up P) and against `assign_windows`."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import pytest
 from _runtime_reference import naive_window_values
 
 from segclip.runtime import Segmenter
-from segclip.runtime.assign import assign_windows, region_labels, region_scores
-from segclip.runtime.scores import label_scores, region_label_probability
+from segclip.runtime.assign import assign_windows, region_labels, region_scores, window_cells
+from segclip.runtime.scores import labels_and_scores, region_label_probability
 from segclip.runtime.windows import window_grid
 
 
@@ -53,11 +54,14 @@ def test_scores_match_the_naive_reference(out_hw, resized_hw):
                            _unit(rng.normal(size=(num, dim))),
                            _unit(rng.normal(size=(num_labels, dim))), 30.0, 3)  # (n, L, T)
     table = region_labels(scores, 0.3)
-    label_map = assign_windows(assign, table, resized_hw, window, out_hw)
-    means, confidence = label_scores(assign, region_label_probability(scores, table), label_map,
-                                     num_labels, resized_hw, window, scores.max(axis=-1))
+    label_map, means, confidence = labels_and_scores(
+        assign, table, region_label_probability(scores, table), num_labels, resized_hw, window,
+        out_hw, scores.max(axis=-1))
     labels, expected, best = _naive(assign, scores, table, resized_hw, window, out_hw)
     np.testing.assert_array_equal(label_map, labels)  # random floats: no exact ties
+    assert label_map.dtype == np.uint16
+    np.testing.assert_array_equal(label_map,
+                                  assign_windows(assign, table, resized_hw, window, out_hw))
     np.testing.assert_allclose(means, expected, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(confidence, best, rtol=1e-5, atol=1e-7)
     assert means.shape == (num_labels,) and confidence.shape == out_hw
@@ -68,11 +72,32 @@ def test_absent_label_scores_zero():
     scores = np.array([[[0.9, 0.1, 0.0]]], np.float32)  # (1, 1, 3)
     table = region_labels(scores, 0.5)
     assign = np.ones((1, 1, 2, 2), np.float32)
-    label_map = assign_windows(assign, table, (16, 16), 16, (4, 4))
-    means, confidence = label_scores(assign, region_label_probability(scores, table), label_map,
-                                     3, (16, 16), 16)
+    label_map, means, confidence = labels_and_scores(
+        assign, table, region_label_probability(scores, table), 3, (16, 16), 16, (4, 4))
     assert confidence is None
+    np.testing.assert_array_equal(label_map, np.ones((4, 4), np.uint16))
     np.testing.assert_allclose(means, [0.9, 0.0, 0.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("regions", [5, 40_000])  # n * L = 10 (uint16 cells), 80,000 (uint32)
+def test_window_cells_look_up_to_assign_windows(regions):
+    """Cell i * L + l of every pixel, looked up in any region-label table, is `assign_windows`
+    with that table: the literal per-pixel argmax of the interpolated region maps."""
+    rng = np.random.default_rng(regions)
+    resized_hw, window, out_hw, grid = (16, 30), 16, (21, 37), 3
+    num = int(np.prod(window_grid(*resized_hw, window)))
+    assign = rng.random((num, regions, grid, grid), dtype=np.float32)  # (n, L, h, w)
+    cells = window_cells(assign, resized_hw, window, out_hw)
+    assert cells.dtype == (np.uint16 if num * regions <= 1 << 16 else np.uint32)
+    values, row_tiles, col_tiles = naive_window_values(assign, resized_hw, window, out_hw)
+    _, grid_x = window_grid(*resized_hw, window)
+    windows = row_tiles[:, None] * grid_x + col_tiles[None, :]  # (H, W)
+    np.testing.assert_array_equal(cells // regions, windows)
+    if regions < 100:  # random floats: no ties closer than float32 rounding among few regions
+        np.testing.assert_array_equal(cells % regions, values.argmax(axis=0))
+    table = rng.integers(0, 7, (num, regions), dtype=np.uint16)  # (n, L) labels 0..6
+    np.testing.assert_array_equal(table.reshape(-1)[cells],
+                                  assign_windows(assign, table, resized_hw, window, out_hw))
 
 
 def test_segmenter_reports_scores_and_confidence(tiny_bundle: Path) -> None:
