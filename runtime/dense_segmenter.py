@@ -225,7 +225,7 @@ class DenseSegmenter(Segmenter):
             timings = {"preprocess": item["ms"], "image": image_ms * count / sum(counts),
                        "text": text_ms, "assign": (time.perf_counter() - began) * 1e3}
             results.append(self._finish(label_map, names, timings, threshold,
-                                        (means, prob if self.confidence else None)))
+                                        (means, prob if self.confidence else None, pixels)))
             first += count
         elapsed = (time.perf_counter() - start) * 1e3
         for result in results:

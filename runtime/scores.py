@@ -37,9 +37,9 @@ def region_label_probability(scores: np.ndarray, table: np.ndarray) -> np.ndarra
 def labels_and_scores(assign: np.ndarray, table: np.ndarray, probability: np.ndarray,
                       num_labels: int, resized_hw: Sequence[int], window: int,
                       out_hw: Sequence[int], confidence: np.ndarray | None = None,
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """The label map, the mean probability of each label over its pixels, and optionally a
-    per-pixel map.
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """The label map, its pixel count per value, the mean probability of each label over its
+    pixels, and optionally a per-pixel map.
 
     Args:
         assign: (n, L, h, w) soft assignment per window (as for `assign.assign_windows`).
@@ -51,8 +51,9 @@ def labels_and_scores(assign: np.ndarray, table: np.ndarray, probability: np.nda
             spread over its pixels as an (H, W) float32 map.
 
     Returns:
-        (H, W) uint16 label map (= `assign.assign_windows(assign, table, ...)`), (T,) float64
-        scores (0 for a label with no pixels), and the map or None.
+        (H, W) uint16 label map (= `assign.assign_windows(assign, table, ...)`), (T + 1,) int64
+        pixels per value (background first), (T,) float64 scores (0 for a label with no
+        pixels), and the map or None.
     """
     cells = window_cells(assign, resized_hw, window, out_hw)  # (H, W) i * L + l
     flat = np.asarray(table, dtype=np.uint16).reshape(-1)  # (n * L,) label of each cell
@@ -66,4 +67,4 @@ def labels_and_scores(assign: np.ndarray, table: np.ndarray, probability: np.nda
     pixel_map = None
     if confidence is not None:
         pixel_map = np.take(np.asarray(confidence, np.float32).reshape(-1), cells)  # (H, W)
-    return label_map, means[1:], pixel_map
+    return label_map, counts.astype(np.int64), means[1:], pixel_map

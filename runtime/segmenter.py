@@ -82,9 +82,11 @@ class SegmentResult:
                 "backend": self.backend}
 
 
-def _summary(label_map: np.ndarray, labels: tuple[str, ...]) -> tuple[dict[str, int],
-                                                                        dict[str, float]]:
-    counts = np.bincount(label_map.ravel(), minlength=len(labels) + 1)  # (T + 1,)
+def _summary(label_map: np.ndarray, labels: tuple[str, ...], counts: np.ndarray | None = None,
+             ) -> tuple[dict[str, int], dict[str, float]]:
+    """Pixels and fractions per name; `counts` (T + 1,): the label map's, when already known."""
+    if counts is None:
+        counts = np.bincount(label_map.ravel(), minlength=len(labels) + 1)  # (T + 1,)
     total = max(1, label_map.size)
     names = (BACKGROUND, *labels)
     return ({name: int(c) for name, c in zip(names, counts)},
@@ -200,10 +202,13 @@ class Segmenter:
         return array, preprocess_image(array, bundle.image_size, bundle.mean, bundle.std)
 
     def _finish(self, label_map: np.ndarray, labels: tuple[str, ...], timings: dict[str, float],
-                threshold: float, extras: tuple[np.ndarray | None, np.ndarray | None],
+                threshold: float, extras: tuple[np.ndarray | None, np.ndarray | None,
+                                                np.ndarray | None],
                 ) -> SegmentResult:
-        counts, fractions = _summary(label_map, labels)
-        means, confidence = extras
+        """`extras`: (scores (T,), confidence map (H, W), pixels per value (T + 1,)), each
+        None when the path did not compute it."""
+        means, confidence, pixels = extras
+        counts, fractions = _summary(label_map, labels, pixels)
         scores = {} if means is None else {name: float(v) for name, v in zip(labels, means)}
         return SegmentResult(label_map=label_map, labels=labels, counts=counts,
                              fractions=fractions, timings=timings, backend=self.backend,
@@ -253,7 +258,7 @@ class Segmenter:
             prep_ms.append((time.perf_counter() - began) * 1e3)
         if getattr(self._backend, "device_labeling", False):
             maps, stage_ms = self._label_on_device(prepared, labelers)
-            extras = [(None, None)] * len(maps)
+            extras = [(None, None, None)] * len(maps)
         else:
             maps, stage_ms, extras = self._label_on_host(prepared, labelers, label_sets)
         results = []
@@ -283,11 +288,11 @@ class Segmenter:
             part = slice(first, first + count)
             table, scores = labeler(outputs.global_[part], outputs.regions[part],
                                     with_scores=True)  # (n, L), (n, L, T)
-            label_map, means, confidence = labels_and_scores(
+            label_map, pixels, means, confidence = labels_and_scores(
                 outputs.assign[part], table, region_label_probability(scores, table),
                 len(names), item.resized_hw, item.window, item.original_hw,
-                scores.max(axis=-1) if self.confidence else None)  # (H, W), (T,), (H, W)
-            extras.append((means, confidence))
+                scores.max(axis=-1) if self.confidence else None)  # (H, W), (T+1,), (T,), (H, W)
+            extras.append((means, confidence, pixels))
             maps.append(label_map)
             stages.append((image_ms * count / windows.shape[0],
                            (time.perf_counter() - began) * 1e3))

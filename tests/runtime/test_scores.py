@@ -54,10 +54,11 @@ def test_scores_match_the_naive_reference(out_hw, resized_hw):
                            _unit(rng.normal(size=(num, dim))),
                            _unit(rng.normal(size=(num_labels, dim))), 30.0, 3)  # (n, L, T)
     table = region_labels(scores, 0.3)
-    label_map, means, confidence = labels_and_scores(
+    label_map, pixels, means, confidence = labels_and_scores(
         assign, table, region_label_probability(scores, table), num_labels, resized_hw, window,
         out_hw, scores.max(axis=-1))
     labels, expected, best = _naive(assign, scores, table, resized_hw, window, out_hw)
+    np.testing.assert_array_equal(pixels, np.bincount(labels.ravel(), minlength=num_labels + 1))
     np.testing.assert_array_equal(label_map, labels)  # random floats: no exact ties
     assert label_map.dtype == np.uint16
     np.testing.assert_array_equal(label_map,
@@ -72,8 +73,9 @@ def test_absent_label_scores_zero():
     scores = np.array([[[0.9, 0.1, 0.0]]], np.float32)  # (1, 1, 3)
     table = region_labels(scores, 0.5)
     assign = np.ones((1, 1, 2, 2), np.float32)
-    label_map, means, confidence = labels_and_scores(
+    label_map, pixels, means, confidence = labels_and_scores(
         assign, table, region_label_probability(scores, table), 3, (16, 16), 16, (4, 4))
+    np.testing.assert_array_equal(pixels, [0, 16, 0, 0])
     assert confidence is None
     np.testing.assert_array_equal(label_map, np.ones((4, 4), np.uint16))
     np.testing.assert_allclose(means, [0.9, 0.0, 0.0], rtol=1e-6)
