@@ -5,7 +5,8 @@ overlay JPEG.
   for every index below 2**24, so colours are stable across runs and label sets.
 - `write_label_png`: value i = i-th label, 0 = background. A palette ("P") PNG when the label set
   has at most 255 labels (opens in colour, reads back as indices), otherwise a 16-bit greyscale
-  PNG. The format depends on the number of labels, not on the values present.
+  PNG. The format depends on the number of labels, not on the values present. `label_png` gives
+  the same bytes in memory (the service's label map); runtime/png.py writes them.
 - `write_overlay_jpeg`: the image with labelled pixels tinted by their colour (background left
   untouched) and a legend panel on the right naming the labels present, by pixel count.
 All files are written atomically (temp file in the same directory, then `os.replace`).
@@ -24,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from segclip.runtime._atomic import atomic_write_bytes
 from segclip.runtime.errors import OutputError
+from segclip.runtime.png import label_png_bytes
 
 MAX_LEGEND_ROWS = 40
 BACKGROUND_NAME = "background"
@@ -64,27 +66,25 @@ def _save(path: str | os.PathLike, image: Image.Image, **options) -> Path:
 
 @cache
 def _png_palette() -> bytes:
-    """The 256-entry palette of label-map PNGs, as PIL wants it (computed once)."""
+    """The 256-entry palette of label-map PNGs, RGB triples (computed once)."""
     return palette(256).tobytes()
 
 
-PNG_LEVEL = 1  # zlib level of label-map PNGs: a third of level 6's time for ~15 % more bytes
-
-
-def label_map_image(label_map: np.ndarray, num_labels: int) -> Image.Image:
-    """The PIL image `write_label_png` saves: "P" with the palette, or 16-bit greyscale."""
+def label_png(label_map: np.ndarray, num_labels: int) -> bytes:
+    """The label-map PNG (runtime/png.py): indexed colour with the VOC palette up to 255
+    labels, else 16-bit greyscale."""
     label_map = _check_label_map(label_map, num_labels)
-    if num_labels <= 255:
-        image = Image.fromarray(label_map.astype(np.uint8), mode="P")
-        image.putpalette(_png_palette())
-        return image
-    return Image.fromarray(label_map.astype(np.uint16))  # mode "I;16"
+    return label_png_bytes(label_map, _png_palette() if num_labels <= 255 else None)
 
 
 def write_label_png(path: str | os.PathLike, label_map: np.ndarray, num_labels: int) -> Path:
     """Write the (H, W) label map (0 = background, i = i-th of `num_labels` labels) as PNG."""
-    return _save(path, label_map_image(label_map, num_labels), format="PNG", optimize=False,
-                 compress_level=PNG_LEVEL)
+    data = label_png(label_map, num_labels)
+    try:
+        return atomic_write_bytes(path, data)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e}; check that the directory exists and is "
+                          f"writable") from e
 
 
 def write_confidence_png(path: str | os.PathLike, confidence: np.ndarray) -> Path:

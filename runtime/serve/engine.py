@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,16 @@ from segclip.runtime.serve.settings import ServeSettings
 log = logging.getLogger("segclip.serve")
 WARM_UP_LABELS = ("object",)
 WARM_UP_SIDE = 32  # pixels of the warm-up image (resized up to the window side)
+_TIMEOUT = getattr(asyncio, "timeout", None)  # Python 3.11+
+
+
+async def within(awaitable: Awaitable[Any], seconds: float) -> Any:
+    """`await awaitable`, or `asyncio.TimeoutError` past `seconds`: `asyncio.timeout` where
+    Python has it (3.11+), which, unlike `asyncio.wait_for` there, starts no task per call."""
+    if _TIMEOUT is None:
+        return await asyncio.wait_for(awaitable, seconds)
+    async with _TIMEOUT(seconds):
+        return await awaitable
 
 
 class QueueFull(Exception):
@@ -122,7 +133,7 @@ class LocalEngine:
             if self._expected <= 0 or remaining <= 0:
                 break
             try:
-                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                batch.append(await within(self._queue.get(), remaining))
             except asyncio.TimeoutError:
                 break
         return [p for p in batch if not p.future.done()]  # drop timed-out jobs

@@ -11,24 +11,27 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import json
-import time
 import warnings
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from PIL import Image
-from starlette.requests import Request
 
 from segclip.runtime.errors import ImageError, LabelFileError
 from segclip.runtime.images import load_image
 from segclip.runtime.labels import parse_labels
+from segclip.runtime.serve.forms import parse_form, text_field
 from segclip.runtime.serve.problems import Problem
 from segclip.runtime.serve.settings import OUTPUTS, ServeSettings
 
 BACKGROUND = "background"  # = segclip.runtime.segmenter.BACKGROUND, value 0 of a label map
+LABEL_TEXTS = 256  # distinct label texts whose validation is kept (each up to 16 K characters)
+LABEL_TEXT_CHARS = 16384
 
 
 @dataclass(frozen=True)
@@ -51,10 +54,11 @@ class SegmentRequest:
     outputs: tuple[str, ...]
 
 
-async def read_body(request: Request, settings: ServeSettings) -> bytes:
-    """The request body, refused with 413 past `max_body_mb` (declared or streamed)."""
+async def read_body(declared: str | None, stream: AsyncIterator[bytes],
+                    settings: ServeSettings) -> bytes:
+    """The request body from its chunks, refused with 413 past `max_body_mb` (`declared`: the
+    Content-Length header, checked first; then the streamed byte count)."""
     limit = settings.max_body_bytes
-    declared = request.headers.get("content-length")
     if declared is not None:
         try:
             size = int(declared)
@@ -64,7 +68,7 @@ async def read_body(request: Request, settings: ServeSettings) -> bytes:
             raise Problem(413, f"request body of {size:,} bytes is over the limit of "
                                f"{limit:,} bytes (--max-body-mb {settings.max_body_mb:g})")
     chunks, total = [], 0
-    async for chunk in request.stream():
+    async for chunk in stream:
         total += len(chunk)
         if total > limit:
             raise Problem(413, f"request body is over the limit of {limit:,} bytes "
@@ -135,26 +139,43 @@ def _label_fields(labels: Any, label_set: Any, settings: ServeSettings, text: bo
             raise Problem(400, f"label_set must be an id string, got {label_set!r}")
         return None, label_set
     if text:
-        stripped = str(labels).lstrip()
-        if stripped.startswith("["):
-            try:
-                return validate_labels(json.loads(stripped), settings), None
-            except json.JSONDecodeError as e:
-                raise Problem(400, f"labels look like JSON but do not parse: {e}") from None
-        return validate_labels(labels, settings, lines=True), None
+        labels = str(labels)
+        if len(labels) <= LABEL_TEXT_CHARS:  # clients resend the same text with every image
+            return _cached_text_labels(labels, settings), None
+        return _text_labels(labels, settings), None
     return validate_labels(labels, settings), None
 
 
-async def parse_segment(request: Request, settings: ServeSettings) -> SegmentRequest:
-    """A `SegmentRequest` from a multipart or JSON body (image still encoded)."""
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind not in ("application/json", "multipart/form-data"):
+def _text_labels(text: str, settings: ServeSettings) -> tuple[str, ...]:
+    """Labels of a text field: a JSON list, or one per line."""
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            return validate_labels(json.loads(stripped), settings)
+        except json.JSONDecodeError as e:
+            raise Problem(400, f"labels look like JSON but do not parse: {e}") from None
+    return validate_labels(text, settings, lines=True)
+
+
+# the same, validated once per distinct text (a refusal is raised again, never cached)
+_cached_text_labels = functools.lru_cache(maxsize=LABEL_TEXTS)(_text_labels)
+
+
+def body_kind(content_type: str) -> str:
+    """"multipart/form-data" or "application/json" (the Content-Type without parameters);
+    anything else is a 415 problem (checked before the body is read)."""
+    kind = content_type.split(";")[0].strip().lower()
+    if kind not in ("multipart/form-data", "application/json"):
         raise Problem(415, f"content type {kind or 'none'!r} is not supported; send "
                            f"multipart/form-data or application/json")
-    body = await read_body(request, settings)
-    if kind == "application/json":
-        return _parse_json(body, settings)
-    return await _parse_multipart(request, body, settings)
+    return kind
+
+
+def parse_segment(content_type: str, body: bytes, settings: ServeSettings) -> SegmentRequest:
+    """A `SegmentRequest` from a multipart or JSON body (image still encoded)."""
+    if body_kind(content_type) == "multipart/form-data":
+        return _parse_multipart(content_type, body, settings)
+    return _parse_json(body, settings)
 
 
 def _parse_json(body: bytes, settings: ServeSettings) -> SegmentRequest:
@@ -178,65 +199,60 @@ def _parse_json(body: bytes, settings: ServeSettings) -> SegmentRequest:
                           _outputs(data.get("outputs"), text=False))
 
 
-async def _parse_multipart(request: Request, body: bytes,
-                           settings: ServeSettings) -> SegmentRequest:
-    async def replay() -> dict[str, Any]:
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    try:
-        form = await Request(request.scope, replay).form(max_files=1, max_fields=16)
-    except Exception as e:  # python-multipart / starlette parse errors have no common base
-        raise Problem(400, f"the multipart body does not parse: {e}") from None
-    try:
-        upload = form.get("image")
-        if upload is None or isinstance(upload, str):
-            raise Problem(400, "multipart field 'image' (an image file) is missing")
-        image = await upload.read()
-        fields = {k: form.get(k) for k in ("labels", "label_set", "threshold", "outputs")}
-    finally:
-        await form.close()
-    for name, value in fields.items():
-        if value is not None and not isinstance(value, str):
-            raise Problem(400, f"multipart field {name!r} must be text, not a file")
+def _parse_multipart(content_type: str, body: bytes, settings: ServeSettings) -> SegmentRequest:
+    parts = parse_form(content_type, body)
+    upload = parts.get("image")
+    if upload is None or not upload.is_file:
+        raise Problem(400, "multipart field 'image' (an image file) is missing")
+    fields = {k: text_field(parts, k) for k in ("labels", "label_set", "threshold", "outputs")}
     try:
         outputs = _outputs(fields["outputs"], text=True)
     except json.JSONDecodeError as e:
         raise Problem(400, f"outputs look like JSON but do not parse: {e}") from None
     labels, label_set = _label_fields(fields["labels"], fields["label_set"], settings, True)
-    return SegmentRequest(image, labels, label_set, _threshold(fields["threshold"]), outputs)
+    return SegmentRequest(upload.data, labels, label_set, _threshold(fields["threshold"]),
+                          outputs)
 
 
-def header_pixels(data: bytes) -> int:
-    """Width x height from the image's header (nothing decoded); 0 if the header does not read
-    (`decode_image` then says why)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                return image.width * image.height
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return 0
-
-
-def decode_image(data: bytes, max_pixels: int) -> tuple[np.ndarray, float]:
-    """((H, W, 3) uint8 RGB, milliseconds): 413 over `max_pixels`, 415 if not an image."""
-    began = time.perf_counter()
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """The image with only its header read: 400 if empty, 413 over `max_pixels` (decompression
+    bombs included), 415 if not an image."""
     if not data:
         raise Problem(400, "the image is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:  # reads the header only
-                if image.width * image.height > max_pixels:
-                    raise Problem(413, f"image of {image.width}x{image.height} = "
-                                       f"{image.width * image.height:,} pixels is over the limit "
-                                       f"of {max_pixels:,} (--max-pixels)")
-                array = load_image(image, max_pixels)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise Problem(413, f"image is over the decompression-bomb limit: {e}") from None
+    except Image.UnidentifiedImageError:  # its message names a Python object, not the image
+        raise Problem(415, "the image is not a PNG, JPEG or other decodable image (its format "
+                           "is not recognised)") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise Problem(415, f"the image is not a PNG, JPEG or other decodable image ({e})"
+                      ) from None
+    if image.width * image.height > max_pixels:
+        image.close()
+        raise Problem(413, f"image of {image.width}x{image.height} = "
+                           f"{image.width * image.height:,} pixels is over the limit of "
+                           f"{max_pixels:,} (--max-pixels)")
+    return image
+
+
+def decode_image(data: bytes | Image.Image, max_pixels: int) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of the encoded image, or of one `open_image` gave (closed after):
+    413 over `max_pixels`, 415 if it does not decode."""
+    image = data if isinstance(data, Image.Image) else open_image(data, max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return load_image(image, max_pixels)
     except Image.DecompressionBombError as e:
         raise Problem(413, f"image is over the decompression-bomb limit: {e}") from None
     except ImageError as e:
         raise Problem(415, f"the image cannot be decoded: {e}") from None
-    except (OSError, ValueError, SyntaxError) as e:  # UnidentifiedImageError is an OSError
+    except (OSError, ValueError, SyntaxError) as e:
         raise Problem(415, f"the image is not a PNG, JPEG or other decodable image ({e})"
                       ) from None
-    return array, (time.perf_counter() - began) * 1e3
+    finally:
+        image.close()

@@ -1,7 +1,7 @@
 """Response bodies of `POST /v1/segment` (docs/serve.md "API").
 
-`label_png` is the file `segclip-run` writes for the same label map, byte for byte: the same
-image (`visualize.label_map_image`) saved with the same options. Masks are COCO RLE
+`label_png` is the file `segclip-run` writes for the same label map, byte for byte (the same
+function, `visualize.label_png`). Masks are COCO RLE
 (pycocotools, column-major run lengths, `counts` as the compressed string), one per label in
 label order, empty masks included. The overlay is `visualize.overlay_image` as a JPEG.
 """
@@ -17,18 +17,9 @@ from typing import Any
 import numpy as np
 
 from segclip.runtime.segmenter import SegmentResult
-from segclip.runtime.visualize import PNG_LEVEL, label_map_image, overlay_image
+from segclip.runtime.visualize import label_png, overlay_image
 
 OVERLAY_QUALITY = 90  # = segclip-run's overlay JPEG quality
-
-
-def label_png(label_map: np.ndarray, num_labels: int) -> bytes:
-    """The label-map PNG of `segclip-run`, byte for byte (palette up to 255 labels, else
-    16-bit grey)."""
-    buffer = io.BytesIO()
-    label_map_image(label_map, num_labels).save(buffer, format="PNG", optimize=False,
-                                                compress_level=PNG_LEVEL)
-    return buffer.getvalue()
 
 
 def rle_masks(label_map: np.ndarray, labels: tuple[str, ...]) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ from segclip.runtime.errors import OutputError
 from segclip.runtime.visualize import (
     MAX_LEGEND_ROWS,
     _legend_rows,
-    label_map_image,
+    label_png,
     overlay_image,
     palette,
     write_label_png,
@@ -46,7 +46,7 @@ def test_label_png_roundtrip(tmp_path, num_labels, mode):
 
 def test_label_png_rejects_out_of_range_values(tmp_path):
     with pytest.raises(ValueError, match=r"values must be in \[0, 2\], got \[0, 3\]"):
-        label_map_image(np.array([[0, 3]], np.uint16), 2)
+        label_png(np.array([[0, 3]], np.uint16), 2)
 
 
 def test_write_to_missing_directory_is_an_output_error(tmp_path):

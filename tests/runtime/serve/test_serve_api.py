@@ -43,7 +43,7 @@ def run_outputs(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """segclip-run's label-map PNGs for three images at two thresholds (the reference). The
     third is over `INLINE_PIXELS`, so the server decodes and encodes it in its codec threads."""
     from segclip.runtime.runner import run_images
-    from segclip.runtime.serve.app import INLINE_PIXELS
+    from segclip.runtime.serve.route import INLINE_PIXELS
 
     sizes = [(90, 150), (64, 64), (600, 900)]
     assert sizes[0][0] * sizes[0][1] <= INLINE_PIXELS < sizes[2][0] * sizes[2][1] <= MAX_PIXELS
@@ -188,12 +188,23 @@ def _bomb_png() -> bytes:
     return buffer.getvalue()
 
 
-def test_header_pixels_reads_the_size_without_decoding() -> None:
-    from segclip.runtime.serve.requests import header_pixels
+def test_open_image_reads_the_size_without_decoding() -> None:
+    from segclip.runtime.serve.problems import Problem
+    from segclip.runtime.serve.requests import decode_image, open_image
 
-    assert header_pixels(image_bytes(30, 40, 0)) == 1200
-    assert header_pixels(b"not an image") == 0 and header_pixels(b"") == 0
-    assert header_pixels(_bomb_png()) == 0  # past Pillow's bomb limit: decode_image says 413
+    data = image_bytes(30, 40, 0)
+    opened = open_image(data, MAX_PIXELS)
+    assert opened.size == (40, 30) and opened.tile  # header read, its tiles not yet decoded
+    reference = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert np.array_equal(decode_image(opened, MAX_PIXELS), reference)
+    assert np.array_equal(decode_image(data, MAX_PIXELS), reference)
+    for bad, status in ((b"not an image", 415), (b"", 400), (_bomb_png(), 413)):
+        with pytest.raises(Problem) as refused:
+            open_image(bad, MAX_PIXELS)
+        assert refused.value.status == status
+    with pytest.raises(Problem) as refused:
+        open_image(data, 1199)  # one pixel under 30 x 40
+    assert refused.value.status == 413 and "--max-pixels" in refused.value.detail
 
 
 def test_client_errors_are_problems(client: httpx.Client) -> None:

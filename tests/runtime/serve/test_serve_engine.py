@@ -1,5 +1,5 @@
 """`LocalEngine.idle`: true only while nothing is queued or running; the app decodes and encodes
-small images inline exactly then (runtime/serve/app.py), so it must not read idle mid-batch."""
+small images inline exactly then (runtime/serve/route.py), so it must not read idle mid-batch."""
 
 from __future__ import annotations
 
