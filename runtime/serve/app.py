@@ -198,7 +198,8 @@ def build_app(engine: Any, settings: ServeSettings,
 
     @app.post(PATH, dependencies=guarded)
     async def segment(request: Request) -> Response:
-        """Reached only when `SegclipAPI` does not take the request itself."""
+        # reached only when SegclipAPI does not take the request itself (no docstring: FastAPI
+        # would publish it in /openapi.json)
         reply = await segment_route.respond(request.headers, request.stream())
         return Response(reply.body, status_code=reply.status, media_type=reply.media_type,
                         headers=reply.headers)

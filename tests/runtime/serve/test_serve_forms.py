@@ -1,5 +1,6 @@
 """runtime/serve/forms.py: multipart bodies parsed from memory agree with the standard library's
-MIME parser (an independent reference), and malformed or oversized forms are 400 problems."""
+MIME parser (an independent reference), and malformed or oversized forms are 400 problems; the
+label texts of parsed requests are validated once per text."""
 
 from __future__ import annotations
 
@@ -78,3 +79,33 @@ def test_text_fields_refuse_files_and_bad_utf8() -> None:
         with pytest.raises(Problem) as refused:
             text_field(parts, name)
         assert refused.value.status == 400 and fragment in refused.value.detail
+
+
+def test_label_texts_are_validated_once_per_text_and_settings() -> None:
+    """parse_segment keeps validated label texts: the same text gives the same labels without
+    validating again; refusals are raised every time; limits come from each settings."""
+    from segclip.runtime.serve import requests
+    from segclip.runtime.serve.settings import ServeSettings
+
+    def parse(labels: str, settings: ServeSettings):
+        body, kind = urllib3.encode_multipart_formdata(
+            {"image": ("a.png", b"png", "image/png"), "labels": labels})
+        return requests.parse_segment(kind, body, settings)
+
+    requests._cached_text_labels.cache_clear()
+    roomy, tight = ServeSettings(), ServeSettings(max_labels=2)
+    first, again = parse("cat\ndog\nsky", roomy), parse("cat\ndog\nsky", roomy)
+    assert first.labels == again.labels == ("cat", "dog", "sky")
+    assert requests._cached_text_labels.cache_info().hits == 1
+    for _ in range(2):
+        with pytest.raises(Problem) as refused:
+            parse("cat\ndog\nsky", tight)  # same text, other limits: refused, not the cached
+        assert refused.value.status == 422 and "limit of 2" in refused.value.detail
+        with pytest.raises(Problem) as refused:
+            parse("cat\nCAT", roomy)
+        assert refused.value.status == 422 and "duplicate" in refused.value.detail
+    long_text = "\n".join(f"label number {i:03d} {'x' * 40}" for i in range(400))  # > 16 K
+    assert len(long_text) > requests.LABEL_TEXT_CHARS
+    size = requests._cached_text_labels.cache_info().currsize
+    assert len(parse(long_text, roomy).labels) == 400
+    assert requests._cached_text_labels.cache_info().currsize == size  # too long to keep
