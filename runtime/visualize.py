@@ -54,14 +54,19 @@ def _check_label_map(label_map: np.ndarray, num_labels: int) -> np.ndarray:
     return label_map
 
 
-def _save(path: str | os.PathLike, image: Image.Image, **options) -> Path:
-    buffer = io.BytesIO()
-    image.save(buffer, **options)
+def _write(path: str | os.PathLike, data: bytes) -> Path:
+    """`data` written atomically at `path`; an `OutputError` naming the path if it cannot be."""
     try:
-        return atomic_write_bytes(path, buffer.getvalue())
+        return atomic_write_bytes(path, data)
     except OSError as e:
         raise OutputError(f"cannot write {path}: {e}; check that the directory exists and is "
                           f"writable") from e
+
+
+def _save(path: str | os.PathLike, image: Image.Image, **options) -> Path:
+    buffer = io.BytesIO()
+    image.save(buffer, **options)
+    return _write(path, buffer.getvalue())
 
 
 @cache
@@ -79,12 +84,7 @@ def label_png(label_map: np.ndarray, num_labels: int) -> bytes:
 
 def write_label_png(path: str | os.PathLike, label_map: np.ndarray, num_labels: int) -> Path:
     """Write the (H, W) label map (0 = background, i = i-th of `num_labels` labels) as PNG."""
-    data = label_png(label_map, num_labels)
-    try:
-        return atomic_write_bytes(path, data)
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {e}; check that the directory exists and is "
-                          f"writable") from e
+    return _write(path, label_png(label_map, num_labels))
 
 
 def write_confidence_png(path: str | os.PathLike, confidence: np.ndarray) -> Path:

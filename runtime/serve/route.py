@@ -123,7 +123,7 @@ class SegmentRoute:
         except Problem as problem:
             reply = problem_reply(problem, scope["path"])
         except ClientGone:
-            self.metrics.requests.labels(PATH, "POST", str(CLIENT_CLOSED)).inc()
+            self._count(CLIENT_CLOSED)
             return
         except Exception:  # noqa: BLE001 - logged, answered as a 500 naming no internals
             log.exception("unexpected error on POST %s", scope["path"])
@@ -138,11 +138,15 @@ class SegmentRoute:
                         "headers": raw_headers})
             await send({"type": "http.response.body", "body": reply.body})
         finally:
-            counter = self._counted.get(reply.status)
-            if counter is None:
-                counter = self._counted[reply.status] = self.metrics.requests.labels(
-                    PATH, "POST", str(reply.status))
-            counter.inc()
+            self._count(reply.status)
+
+    def _count(self, status: int) -> None:
+        """One more request answered with `status` (its counter looked up once)."""
+        counter = self._counted.get(status)
+        if counter is None:
+            counter = self._counted[status] = self.metrics.requests.labels(PATH, "POST",
+                                                                           str(status))
+        counter.inc()
 
     async def respond(self, headers: Mapping[str, str], chunks: AsyncIterator[bytes]) -> Reply:
         """The reply to one request (headers: lower-case names); raises `Problem`."""
@@ -196,7 +200,7 @@ class SegmentRoute:
         pixels = result.size[0] * result.size[1]
         if "image/png" in accept and "application/json" not in accept:
             began_encode = time.perf_counter()
-            png = await self._codec(self._inline(lambda: pixels), label_png, result.label_map,
+            png = await self._codec(self._inline(pixels), label_png, result.label_map,
                                     len(result.labels))
             timings["encode"] = (time.perf_counter() - began_encode) * 1e3
             timings["total"] = (time.perf_counter() - began) * 1e3
@@ -204,7 +208,7 @@ class SegmentRoute:
             return Reply(200, "image/png", png, {
                 "X-Segclip-Labels": json.dumps(list(result.labels)),
                 "X-Segclip-Timings": json.dumps({k: round(v, 3) for k, v in timings.items()})})
-        inline = INLINE_OUTPUTS.issuperset(outputs) and self._inline(lambda: pixels)
+        inline = INLINE_OUTPUTS.issuperset(outputs) and self._inline(pixels)
         body, timings["encode"] = await self._codec(inline, segment_body, result, image, outputs)
         timings["total"] = (time.perf_counter() - began) * 1e3
         self.metrics.observe_stages(timings)
@@ -218,13 +222,13 @@ class SegmentRoute:
         if not getattr(self.engine, "idle", False):
             return await self._codec(False, decode_image, data, self.settings.max_pixels)
         opened = open_image(data, self.settings.max_pixels)
-        inline = self._inline(lambda: opened.width * opened.height)
+        inline = opened.width * opened.height <= INLINE_PIXELS
         return await self._codec(inline, decode_image, opened, self.settings.max_pixels)
 
-    def _inline(self, pixels: Callable[[], int]) -> bool:
+    def _inline(self, pixels: int) -> bool:
         """Codec work on the loop itself: the engine is idle and the image small (module
         docstring). Engines without an `idle` property always hand it off."""
-        return bool(getattr(self.engine, "idle", False)) and pixels() <= INLINE_PIXELS
+        return bool(getattr(self.engine, "idle", False)) and pixels <= INLINE_PIXELS
 
     async def _codec(self, inline: bool, function: Callable[..., Any], *args: Any) -> Any:
         if inline:
