@@ -214,7 +214,8 @@ def _variant_entries(records: dict[str, dict[str, Any]], files: dict[str, str],
                                                   f"the exporting CPU ({cpu})"})}}
     if "ov-int8" in records:
         entries["ov-int8"] = {"file": files[OV_INT8_KEY], "weights": files[OV_INT8_WEIGHTS_KEY],
-                              "precision": "int8 (ViT blocks before the group), f32 elsewhere",
+                              "precision": f"int8 (ViT blocks before the group), "
+                                           f"{records['ov-int8']['precision_used']} elsewhere",
                               "quantisation": quantisation, "parity": records["ov-int8"]}
     return entries
 

@@ -13,6 +13,7 @@ Legend: B batch, L regions, h x w patch grid, S window side, T labels, E embeddi
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,10 +48,12 @@ class ImageParity:
 
     @property
     def failures(self) -> list[str]:
-        out = []
+        out = [f"{self.file} {name} has non-finite values (NaN or inf)"
+               for name, value in self.max_abs.items() if not math.isfinite(value)]
         if self.max_abs_limit is not None:
             out += [f"{self.file} {name} max|diff| {value:.2e} > {self.max_abs_limit:.0e}"
-                    for name, value in self.max_abs.items() if not value <= self.max_abs_limit]
+                    for name, value in self.max_abs.items()
+                    if math.isfinite(value) and not value <= self.max_abs_limit]
         if not self.argmax_agreement >= self.min_agreement:
             out.append(f"{self.file} region-argmax agreement {self.argmax_agreement:.4%} < "
                        f"{self.min_agreement:.1%}")
@@ -126,6 +129,12 @@ def prompt_tokens(prompts: tuple[str, ...], context_length: int) -> np.ndarray:
     return tokenize(texts, context_length=context_length).numpy().astype(np.int64)
 
 
+def max_abs_diff(got: np.ndarray, want: np.ndarray) -> float:
+    """max |got - want|, or inf where `got` holds a NaN or an inf (`max` would skip a NaN)."""
+    diff = np.abs(got.astype(np.float32) - want)
+    return float(diff.max()) if np.isfinite(diff).all() else math.inf
+
+
 def region_argmax(assign: np.ndarray, size: int) -> np.ndarray:
     """(B, L, h, w) soft assignment -> (B, S, S) region index of the bilinear upsampling."""
     up = F.interpolate(torch.from_numpy(np.ascontiguousarray(assign, np.float32)),
@@ -139,7 +148,8 @@ def _session(path: Path) -> Any:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def _image_cases(size: int) -> list[np.ndarray]:
+def image_cases(size: int) -> list[np.ndarray]:
+    """The image cases of every parity check: random and synthetic windows at batch 1 and 3."""
     return [(random_images if kind == "random" else synthetic_images)(batch, size, seed=index)
             for index, (kind, batch) in enumerate(IMAGE_CASES)]
 
@@ -155,7 +165,7 @@ def _image_parity(path: Path, precision: str, cases: list[np.ndarray],
             if got.shape != want.shape:
                 raise ParityError(f"{path.name}: output {name!r} has shape {got.shape}, "
                                   f"PyTorch gives {want.shape}")
-            worst[name] = max(worst[name], float(np.abs(got - want).max()))
+            worst[name] = max(worst[name], max_abs_diff(got, want))
         same = region_argmax(outputs[2], size) == region_argmax(reference[2], size)  # (B, S, S)
         agreement = min(agreement, float(same.mean()))
     fp32 = precision == "fp32"
@@ -186,7 +196,7 @@ def measure_parity(model: SegCLIP, bundle_dir: Path, image_files: dict[str, str]
 def _measure(model: SegCLIP, bundle_dir: Path, image_files: dict[str, str],
              text_file: str) -> ParityReport:
     size = model.config.image_size
-    cases = _image_cases(size)
+    cases = image_cases(size)
     references = []
     for images in cases:
         out = model.encode_image(torch.from_numpy(images))
@@ -200,7 +210,7 @@ def _measure(model: SegCLIP, bundle_dir: Path, image_files: dict[str, str],
         tokens = prompt_tokens(TEXT_PROMPTS[:count], model.config.context_length)  # (T, C)
         got = session.run([contract.TEXT_OUTPUT], {contract.TEXT_INPUT: tokens})[0]
         want = model.encode_text(torch.from_numpy(tokens)).numpy()  # (T, E)
-        text_max_abs = max(text_max_abs, float(np.abs(got - want).max()))
+        text_max_abs = max(text_max_abs, max_abs_diff(got, want))
     failures = [f for item in image for f in item.failures]
     if not text_max_abs <= FP32_MAX_ABS:
         failures.append(f"{text_file} text max|diff| {text_max_abs:.2e} > {FP32_MAX_ABS:.0e}")

@@ -36,6 +36,10 @@ class EngineError(RuntimeSegclipError, ValueError):
     """An engine cannot run here (TensorRT/GPU mismatch) or returned outputs off the contract."""
 
 
+class NonFiniteOutputError(EngineError):
+    """An engine returned NaN or inf: a broken engine or a precision the model does not survive."""
+
+
 class BackendUnavailableError(RuntimeSegclipError, ImportError):
     """The requested backend or device needs a package or a GPU that is not present."""
 

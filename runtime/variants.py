@@ -7,7 +7,8 @@ The one list of variant names in segclip: `Segmenter(variant=...)`, `create_back
 - ONNX Runtime: "fp32" (image.onnx), "fp16" (image.fp16.onnx), "int8" (image.int8.onnx).
 - OpenVINO (CPU, extra `openvino`): "ov-f32" and "ov-bf16" (image.onnx compiled with that
   inference precision; bf16 only on CPUs that offer it), "ov-int8" (image.ov-int8.xml/.bin,
-  NNCF post-training quantisation, written by `segclip-export openvino BUNDLE CKPT --int8`).
+  NNCF post-training quantisation, written by `segclip-export openvino BUNDLE CKPT --int8`; its
+  unquantised nodes run in bf16 on CPUs that offer it, in f32 elsewhere).
 - "auto": on the CPU, the fastest variant whose parity passed on this bundle, measured by a short
   probe at load (runtime/backends/_auto.py); elsewhere the device's default engine.
 
@@ -28,8 +29,9 @@ OPENVINO_VARIANTS = ("ov-f32", "ov-bf16", "ov-int8")
 VARIANTS = (AUTO, *ORT_VARIANTS, *OPENVINO_VARIANTS)  # every accepted `variant` value
 CPU_VARIANTS = (*ORT_VARIANTS, *OPENVINO_VARIANTS)  # what `auto` chooses among on the CPU
 
-# OpenVINO variant -> inference precision hint (OpenVINO's names)
-OPENVINO_PRECISION = {"ov-f32": "f32", "ov-bf16": "bf16", "ov-int8": "f32"}
+# OpenVINO variant -> inference precision hint (OpenVINO's names) on a CPU with bf16; ov-int8
+# falls back to f32 on one without (its int8 nodes are int8 either way), ov-bf16 is refused
+OPENVINO_PRECISION = {"ov-f32": "f32", "ov-bf16": "bf16", "ov-int8": "bf16"}
 # manifest "files" keys of the OpenVINO int8 IR (the .bin holds its weights)
 OV_INT8_KEY, OV_INT8_WEIGHTS_KEY = "image_ov_int8", "image_ov_int8_weights"
 OV_INT8_XML, OV_INT8_BIN = "image.ov-int8.xml", "image.ov-int8.bin"

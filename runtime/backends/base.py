@@ -17,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from segclip.runtime.errors import EngineError
+from segclip.runtime.errors import EngineError, NonFiniteOutputError
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,12 @@ def check_image_outputs(outputs: ImageOutputs, batch: int, source: str) -> Image
                           f"assign {assign.shape} for a batch of {batch}; expected (B, D), "
                           f"(B, L, D), (B, L, h, w): the engine is off the bundle contract, "
                           f"re-export the bundle")
+    for name, values in (("global", glob), ("regions", regions), ("assign", assign)):
+        if not np.isfinite(values).all():
+            raise NonFiniteOutputError(f"{source} returned non-finite {name} values (NaN or "
+                                       f"inf); the engine is broken or its precision does not "
+                                       f"suit this model: rebuild or re-export it, or run "
+                                       f"another variant")
     return outputs
 
 

@@ -4,15 +4,16 @@ compiled with an explicit inference precision.
 Variants (runtime/variants.py): "ov-f32" and "ov-bf16" compile `image.onnx` with
 `INFERENCE_PRECISION_HINT` f32 / bf16 (OpenVINO picks bf16 by itself on CPUs that have it, so
 the precision is always passed); "ov-int8" compiles the NNCF-quantised IR `image.ov-int8.xml`
-(its quantised nodes run int8, the rest f32). The text graph always runs in f32: it runs once
-per label set and its embeddings are cached. bf16 is refused on a CPU whose OpenVINO
-`OPTIMIZATION_CAPABILITIES` lack BF16.
+(its quantised nodes run int8, the rest bf16 where the CPU has bf16, else f32). The text graph
+always runs in f32: it runs once per label set and its embeddings are cached. ov-bf16 is
+refused on a CPU whose OpenVINO `OPTIMIZATION_CAPABILITIES` lack BF16.
 
-Compiled models are cached on disk (OpenVINO `CACHE_DIR`, one folder per bundle manifest, so a
-re-exported bundle never meets a stale blob); a restart loads the blob instead of recompiling
-(`info()["loaded_from_cache"]`). Threads (`INFERENCE_NUM_THREADS`) and streams (`NUM_STREAMS`)
-are configurable. Thread-safe: every calling thread gets its own `InferRequest` of the shared
-compiled model. openvino is imported only in this module.
+Compiled models are cached on disk (OpenVINO `CACHE_DIR`, one folder per bundle manifest and
+variant, so a re-exported bundle never meets a stale blob, nor a variant another's); a restart
+loads the blob instead of recompiling (`info()["loaded_from_cache"]`). Threads
+(`INFERENCE_NUM_THREADS`) and streams (`NUM_STREAMS`) are configurable. Thread-safe: every
+calling thread gets its own `InferRequest` of the shared compiled model.
+openvino is imported only in this module.
 Legend: B windows, S window side, T labels, C context length.
 """
 
@@ -67,6 +68,14 @@ def cpu_capabilities(core: Any | None = None) -> tuple[str, tuple[str, ...]]:
             tuple(str(c) for c in core.get_property(DEVICE, "OPTIMIZATION_CAPABILITIES")))
 
 
+def inference_precision(variant: str, capabilities: tuple[str, ...]) -> str:
+    """The INFERENCE_PRECISION_HINT `variant` compiles with on this CPU (runtime/variants.py)."""
+    precision = OPENVINO_PRECISION[variant]
+    if variant == "ov-int8" and "BF16" not in capabilities:
+        return "f32"  # the unquantised nodes; bf16 would be emulated, not faster
+    return precision
+
+
 def unsupported_reason(variant: str, capabilities: tuple[str, ...], cpu: str) -> str | None:
     """Why `variant` cannot run on this CPU, or None."""
     if variant == "ov-bf16" and "BF16" not in capabilities:
@@ -119,8 +128,11 @@ class OpenVinoBackend:
         reason = unsupported_reason(variant, self.capabilities, self.cpu)
         if reason:
             raise BackendUnavailableError(reason)
+        # one folder per bundle manifest and variant: OpenVINO's cache key leaves out
+        # INFERENCE_PRECISION_HINT, so in a shared folder ov-f32 loaded ov-bf16's blob (and
+        # ov-bf16 loaded ov-f32's, giving NaN) on a Xeon with AMX (docs/openvino.md "Variants")
         self.cache_dir = (Path(self.options.cache_dir or default_cache_dir())
-                          / bundle.manifest_sha256[:16])
+                          / bundle.manifest_sha256[:16] / variant)
         try:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -128,7 +140,7 @@ class OpenVinoBackend:
                               f"pass another cache_dir") from e
         self._core.set_property({"CACHE_DIR": str(self.cache_dir)})
         image_path = self._image_path()
-        self._image = self._compile(image_path, OPENVINO_PRECISION[variant])
+        self._image = self._compile(image_path, inference_precision(variant, self.capabilities))
         self._text = self._compile(bundle.files["text"], "f32")
         self._image_file, self._text_file = image_path.name, bundle.files["text"].name
         for source, compiled in ((self._image_file, self._image), (self._text_file, self._text)):

@@ -65,6 +65,9 @@ def test_export_records_every_variant_with_its_figures(ov_export: tuple[Path, An
         assert f"{name}: " in result.stdout
     int8 = section["variants"]["ov-int8"]
     assert int8["file"] == "image.ov-int8.xml" and int8["quantisation"]["int8_weights"] > 0
+    used = int8["parity"]["precision_used"]
+    assert int8["precision"] == f"int8 (ViT blocks before the group), {used} elsewhere"
+    assert used == ("bf16" if "BF16" in section["capabilities"] else "f32")
     assert "generated synthetic-shapes" in int8["quantisation"]["calibration"]
     assert not list(root.glob(".image.ov-int8.partial*")), "staged files left behind"
     sizes = manifest["file_bytes"]

@@ -17,6 +17,8 @@ from segclip.export.parity import (
     FP32_MAX_ABS,
     FP32_MIN_AGREEMENT,
     REDUCED_MIN_AGREEMENT,
+    ImageParity,
+    max_abs_diff,
     measure_parity,
     random_images,
     region_argmax,
@@ -128,3 +130,39 @@ def test_region_argmax_upsamples_bilinearly() -> None:
     labels = region_argmax(assign, 8)  # (B, S, S)
     assert labels.shape == (1, 8, 8)
     assert (labels[0, :, :4] == 0).all() and (labels[0, :, 4:] == 1).all()
+
+
+def test_non_finite_outputs_fail_parity_by_name() -> None:
+    """A NaN never passes as a small difference (`max(0.0, nan)` is 0.0 in Python)."""
+    want = np.zeros((2, 3), np.float32)
+    assert max_abs_diff(want + 0.5, want) == 0.5
+    for bad in (np.nan, np.inf, -np.inf):
+        got = want.copy()
+        got[1, 2] = bad
+        assert max_abs_diff(got, want) == np.inf
+    for limit in (FP32_MAX_ABS, None):
+        item = ImageParity(file="image.onnx", precision="bf16",
+                           max_abs={"global": 0.0, "regions": np.inf, "assign": 0.0},
+                           argmax_agreement=1.0, min_agreement=REDUCED_MIN_AGREEMENT,
+                           max_abs_limit=limit)
+        assert item.failures == ["image.onnx regions has non-finite values (NaN or inf)"]
+
+
+def test_a_variant_that_returns_nan_is_recorded_as_failed() -> None:
+    """The OpenVINO parity run records a backend's non-finite refusal as a failed variant."""
+    from segclip.export.openvino_parity import image_parity
+    from segclip.runtime.errors import NonFiniteOutputError
+
+    cases = [random_images(1, 32, seed=0)]
+    assign = np.full((1, 2, 4, 4), 0.5, np.float32)
+    references = [(np.ones((1, 4), np.float32), np.ones((1, 2, 4), np.float32), assign)]
+
+    def broken(images: np.ndarray) -> tuple[np.ndarray, ...]:
+        raise NonFiniteOutputError("image.onnx returned non-finite global values")
+
+    item = image_parity(broken, "image.onnx", "ov-bf16", cases, references, 32)
+    assert item.argmax_agreement == 0.0 and set(item.max_abs.values()) == {np.inf}
+    assert "image.onnx global has non-finite values (NaN or inf)" in item.failures
+    fine = image_parity(lambda images: references[0], "image.onnx", "ov-bf16", cases,
+                        references, 32)
+    assert fine.failures == [] and fine.argmax_agreement == 1.0

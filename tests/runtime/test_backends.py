@@ -16,9 +16,10 @@ import pytest
 from segclip.errors import SegclipError
 from segclip.runtime import backends
 from segclip.runtime.backends import create_backend
+from segclip.runtime.backends.base import ImageOutputs, check_image_outputs
 from segclip.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from segclip.runtime.bundle import Bundle, EngineFacts
-from segclip.runtime.errors import BackendUnavailableError, EngineError
+from segclip.runtime.errors import BackendUnavailableError, EngineError, NonFiniteOutputError
 
 PRESENT = EngineFacts(tensorrt="10.9.0.34", gpu="NVIDIA H100 80GB HBM3", compute_capability="9.0")
 CPU_ONLY = "CUDAExecutionProvider" not in ort.get_available_providers()
@@ -62,6 +63,19 @@ def test_outputs_follow_the_contract(tiny_bundle: Path) -> None:
     tokens[:, 0], tokens[:, 1] = 49406, 49407
     text = backend.run_text(tokens)
     assert text.shape == (2, 64) and text.dtype == np.float32
+
+
+@pytest.mark.parametrize("field", ["global_", "regions", "assign"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_image_outputs_are_refused(field: str, bad: float) -> None:
+    """A NaN would otherwise become a label map of arbitrary labels."""
+    arrays = {"global_": np.zeros((2, 4), np.float32), "regions": np.zeros((2, 3, 4), np.float32),
+              "assign": np.full((2, 3, 5, 5), 1 / 3, np.float32)}
+    assert check_image_outputs(ImageOutputs(**arrays), 2, "image.onnx").regions.shape == (2, 3, 4)
+    arrays[field][1, 0, ...] = bad
+    name = field.rstrip("_")
+    with pytest.raises(NonFiniteOutputError, match=f"image.onnx returned non-finite {name} "):
+        check_image_outputs(ImageOutputs(**arrays), 2, "image.onnx")
 
 
 @pytest.mark.parametrize("how", ["variant", "path"])

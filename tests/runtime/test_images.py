@@ -191,6 +191,19 @@ def test_normalize():
     np.testing.assert_allclose(out[:, 0, 0], expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mean, std", [(CLIP_MEAN, CLIP_STD), ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+                                       ((0.1, 0.7, 0.3), (0.2, 0.9, 0.05))])
+def test_normalize_is_bit_identical_to_the_formula(mean, std):
+    """The lookup table holds exactly what float32 (x - 255 mean) / (255 std) gives per pixel."""
+    levels = np.arange(256, dtype=np.uint8)
+    pixels = np.stack([levels, levels[::-1], np.roll(levels, 7)], -1)[None]  # (1, 256, 3)
+    scale = np.asarray(std, dtype=np.float32) * 255.0
+    shift = np.asarray(mean, dtype=np.float32) * 255.0
+    chw = pixels.transpose(2, 0, 1).astype(np.float32)  # (3, 1, 256)
+    literal = (chw - shift[:, None, None]) / scale[:, None, None]
+    np.testing.assert_array_equal(normalize(pixels, mean, std), literal)  # (3, 1, 256)
+
+
 def test_preprocess_windows():
     pixels = _rgb(300, 500, seed=3)
     prepared = preprocess(pixels, 224)

@@ -88,6 +88,18 @@ def test_bf16_refused_where_the_cpu_lacks_it(ov_bundle: Path,
                         lambda core=None: ("Old CPU", ("FP32", "INT8")))
     with pytest.raises(BackendUnavailableError, match="ov-bf16 needs a CPU with bf16 support"):
         create_backend(ov_bundle, "cpu", variant="ov-bf16")
+    int8 = create_backend(ov_bundle, "cpu", variant="ov-int8", threads=1)
+    assert int8.info()["precision"] == "f32"  # its unquantised nodes: no bf16 here
+
+
+@pytest.mark.skipif(not BF16, reason="this CPU has no bf16 (OpenVINO capabilities)")
+def test_ov_int8_runs_its_unquantised_nodes_in_bf16(ov_bundle: Path) -> None:
+    int8 = create_backend(ov_bundle, "cpu", variant="ov-int8", threads=1)
+    assert int8.info()["precision"] == "bf16" and int8.provider.endswith("int8")
+    assert ov_backend.inference_precision("ov-int8", ("FP32", "INT8")) == "f32"
+    want = create_backend(ov_bundle, "cpu", variant="fp32").run_image(_windows(3))
+    got = int8.run_image(_windows(3))
+    assert (_region_argmax(got.assign) == _region_argmax(want.assign)).mean() >= 0.95
 
 
 def test_refusals_are_one_clear_error(ov_bundle: Path, tiny_bundle: Path,
@@ -108,7 +120,8 @@ def test_refusals_are_one_clear_error(ov_bundle: Path, tiny_bundle: Path,
 def test_compile_cache_is_reused_on_restart(ov_bundle: Path, _cache: Path) -> None:
     first = OpenVinoBackend(Bundle.open(ov_bundle), "ov-int8", OpenVinoOptions(threads=1))
     folder = Path(first.info()["cache_dir"])
-    assert not first.loaded_from_cache and folder.parent == _cache / "openvino"
+    assert not first.loaded_from_cache and folder.parent.parent == _cache / "openvino"
+    assert folder.name == "ov-int8"
     blobs = sorted(folder.glob("*.blob"))
     assert blobs, "no compiled model written to the cache"
     out = first.run_image(_windows(1)).regions
@@ -117,6 +130,24 @@ def test_compile_cache_is_reused_on_restart(ov_bundle: Path, _cache: Path) -> No
     assert second.loaded_from_cache and second.info()["loaded_from_cache"]
     assert sorted(folder.glob("*.blob")) == blobs  # nothing recompiled
     np.testing.assert_array_equal(second.run_image(_windows(1)).regions, out)
+
+
+def test_variants_never_load_each_others_compiled_model(ov_bundle: Path, _cache: Path) -> None:
+    """OpenVINO's cache key leaves out the precision: in one shared folder, ov-f32 compiled after
+    ov-bf16 loaded the bf16 blob (and ov-bf16 after ov-f32 returned NaN) on a Xeon with AMX."""
+    bundle, windows = Bundle.open(ov_bundle), _windows(2)
+    first = "ov-bf16" if BF16 else "ov-int8"
+    earlier = OpenVinoBackend(bundle, first, OpenVinoOptions(threads=1))
+    earlier.run_image(windows)
+    f32 = OpenVinoBackend(bundle, "ov-f32", OpenVinoOptions(threads=1))
+    assert not f32.loaded_from_cache and f32.precision == "f32"
+    assert Path(f32.info()["cache_dir"]).name == "ov-f32" != Path(earlier.cache_dir).name
+    want = create_backend(ov_bundle, "cpu", variant="fp32").run_image(windows)
+    got = f32.run_image(windows)
+    for name in ("global_", "regions", "assign"):
+        assert np.abs(getattr(got, name) - getattr(want, name)).max() <= 1e-4, name
+    again = OpenVinoBackend(bundle, first, OpenVinoOptions(threads=1))
+    assert again.loaded_from_cache and np.isfinite(again.run_image(windows).regions).all()
 
 
 def test_threads_get_identical_results(ov_bundle: Path) -> None:
