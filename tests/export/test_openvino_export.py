@@ -4,6 +4,7 @@ segclip.json, calibration inputs, and one-line errors with exit code 2."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,38 @@ def test_the_int8_ir_is_quantised_inside_the_early_blocks_only(
     assert quantisers
     assert all(name.startswith(tuple(f"/resblocks.{i}/" for i in range(4)))
                for name in quantisers), quantisers  # tiny: group_layer 4
+
+
+def test_the_attention_products_stay_float(ov_export: tuple[Path, Any]) -> None:
+    """q k^T and attn v (the blocks' un-named MatMuls) read no int8-quantised value, while the
+    linear layers (Gemms) of the same blocks have int8 weights (export/openvino.py
+    OV_INT8_KEEP_FLOAT32)."""
+    import openvino as ov
+
+    model = ov.Core().read_model(str(ov_export[0] / "image.ov-int8.xml"))
+
+    def quantisers_above(op: Any) -> list[str]:
+        """FakeQuantize nodes between `op` and the MatMul or Softmax that computed its inputs."""
+        found, todo = [], [value.get_node() for value in op.input_values()]
+        while todo:
+            node = todo.pop()
+            kind = node.get_type_name()
+            if kind == "FakeQuantize":
+                found.append(node.get_friendly_name())
+            elif kind not in ("MatMul", "Softmax", "Parameter", "Constant"):
+                todo += [value.get_node() for value in node.input_values()]
+        return found
+
+    matmuls = [op for op in model.get_ops() if op.get_type_name() == "MatMul"
+               and op.get_friendly_name().startswith("/resblocks.0/")]
+    products = [op for op in matmuls if re.fullmatch(r"/resblocks\.0/MatMul(_\d+)?",
+                                                      op.get_friendly_name())]
+    linears = [op for op in matmuls if "Gemm" in op.get_friendly_name()]
+    assert len(products) == 2 and len(linears) == 6
+    assert all(quantisers_above(op) == [] for op in products), \
+        [quantisers_above(op) for op in products]
+    assert all("fq_weights" in op.input_value(1).get_node().get_friendly_name()
+               for op in linears)  # int8 weights, dequantised
 
 
 def test_calibration_folder_is_preprocessed_like_the_runtime(tmp_path: Path) -> None:
