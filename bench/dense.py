@@ -98,8 +98,8 @@ def _protocol(bundle: Path, reps: int, threads: int) -> dict[str, Any]:
     from segclip.evaluation.datasets import load_classes
     from segclip.runtime.dense import DenseSettings, LogitMaps, assign_dense, chunk_size, upsample
     from segclip.runtime.dense_presets import VOC_BACKGROUND
-    from segclip.runtime.dense_segmenter import DenseSegmenter, resize_to
-    from segclip.runtime.images import normalize
+    from segclip.runtime.dense_segmenter import DenseSegmenter
+    from segclip.runtime.images import normalize, resize_to
 
     seg = DenseSegmenter(bundle, device="cpu", threads=threads)
     classes = load_classes("voc").names

@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 
 from segclip.runtime import contract
-from segclip.runtime._interp import blend, linear_taps
 from segclip.runtime.backends import create_backend
 from segclip.runtime.bundle import Bundle
 from segclip.runtime.dense import (
@@ -43,22 +42,19 @@ from segclip.runtime.dense import (
 )
 from segclip.runtime.embeddings import LabelEmbeddings
 from segclip.runtime.errors import BundleError, EngineError, LabelFileError
-from segclip.runtime.images import DEFAULT_MAX_PIXELS, ImageSource, load_image, normalize
+from segclip.runtime.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageSource,
+    load_image,
+    normalize,
+    resize_to,
+)
 from segclip.runtime.labels import LabelSource
 from segclip.runtime.segmenter import DEFAULT_BATCH_SIZE, STAGES, Segmenter, SegmentResult
 from segclip.runtime.templates import IMAGENET_TEMPLATES
 from segclip.runtime.variants import AUTO, is_openvino
 
 NAME_ENTRIES = 4096  # template-averaged name embeddings kept in memory
-
-
-def resize_to(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """(H, W, 3) uint8 -> (height, width, 3) uint8, bilinear (cv2 INTER_LINEAR style)."""
-    if (height, width) == image.shape[:2]:
-        return image
-    rows = blend(image, linear_taps(height, image.shape[0]), axis=0)
-    resized = blend(rows, linear_taps(width, image.shape[1]), axis=1)
-    return np.clip(np.floor(resized + 0.5), 0, 255).astype(np.uint8)
 
 
 class DenseSegmenter(Segmenter):

@@ -129,16 +129,20 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.
                      f"image or an HxWx3 uint8 array")
 
 
-def resize_short_side(image: np.ndarray, short_side: int) -> np.ndarray:
-    """(H, W, 3) uint8 -> (h, w, 3) uint8 with min(h, w) = short_side (cv2 INTER_LINEAR style)."""
-    height, width = resized_size(image.shape[0], image.shape[1], short_side)
+def resize_to(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (height, width, 3) uint8, bilinear (cv2 INTER_LINEAR style)."""
     if (height, width) == image.shape[:2]:
         return image
-    rows = blend(image, linear_taps(height, image.shape[0]), axis=0)  # (h, W, 3) float32
-    resized = blend(rows, linear_taps(width, image.shape[1]), axis=1)  # (h, w, 3) float32
+    rows = blend(image, linear_taps(height, image.shape[0]), axis=0)  # (height, W, 3) float32
+    resized = blend(rows, linear_taps(width, image.shape[1]), axis=1)  # (height, width, 3)
     resized += 0.5
     np.floor(resized, out=resized)
     return np.clip(resized, 0, 255, out=resized).astype(np.uint8)
+
+
+def resize_short_side(image: np.ndarray, short_side: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (h, w, 3) uint8 with min(h, w) = short_side (cv2 INTER_LINEAR style)."""
+    return resize_to(image, *resized_size(image.shape[0], image.shape[1], short_side))
 
 
 @functools.lru_cache(maxsize=8)

@@ -103,8 +103,8 @@ def test_dense_segmenter_end_to_end(clip_file, tmp_path):
         split_names,
         upsample,
     )
-    from segclip.runtime.dense_segmenter import DenseSegmenter, resize_to
-    from segclip.runtime.images import normalize
+    from segclip.runtime.dense_segmenter import DenseSegmenter
+    from segclip.runtime.images import normalize, resize_to
     from segclip.runtime.templates import IMAGENET_TEMPLATES
     from segclip.runtime.tokenizer import Tokenizer
 
