@@ -96,13 +96,10 @@ def _segment_tower(device: str, variant: str, bundle: Path, settings: Settings, 
                                                "'image' stage timing"}
     try:
         if variant.startswith("ov-"):
-            import tempfile
-
             from bench._towers import OvRunner
 
             name = variant
-            tower: Any = OvRunner(name, bundle, settings.threads,
-                                  tempfile.mkdtemp(prefix="segclip-ov-"))
+            tower: Any = OvRunner(name, bundle, settings.threads)
         elif variant == "auto":
             return {"status": "skipped", "reason": "variant auto: the Segmenter's own 'image' "
                                                    "stage is the reference"}

@@ -115,11 +115,9 @@ def make_runner(name: str, settings: Settings) -> Runner:
     if name.startswith("ort-"):
         return OrtRunner(name, bundle, settings.threads)
     if name.startswith("ov-"):
-        import tempfile
-
         from bench._towers import OvRunner
 
-        return OvRunner(name, bundle, settings.threads, tempfile.mkdtemp(prefix="segclip-ov-"))
+        return OvRunner(name, bundle, settings.threads)
     if name.startswith("trt-"):
         from bench._tensorrt import TrtRunner
 

@@ -220,10 +220,15 @@ class OrtRunner(Runner):
 
 # ---- OpenVINO ---------------------------------------------------------------------------------
 class OvRunner(Runner):
-    """The runtime's OpenVINO backend on one variant (compiled-model cache in a temp folder)."""
+    """The runtime's OpenVINO backend on one variant (compiled-model cache in a temp folder,
+    removed with the runner or at exit)."""
 
-    def __init__(self, name: str, bundle: Path, threads: int, cache_dir: str) -> None:
+    def __init__(self, name: str, bundle: Path, threads: int) -> None:
+        import tempfile
+
         super().__init__()
+        self._cache = tempfile.TemporaryDirectory(prefix="segclip-ov-")
+        cache_dir = self._cache.name
         try:
             from segclip.runtime.backends.openvino import OpenVinoBackend, OpenVinoOptions
             from segclip.runtime.bundle import Bundle

@@ -64,13 +64,18 @@ def _write_images(folder: Path, count: int, size: str) -> None:
 
 
 def bench_data(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="segclip-bench-ray-") as scratch:
+        return _bench_data(args, Path(scratch))
+
+
+def _bench_data(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """`bench_data` with its input images and outputs under `root` (removed afterwards)."""
     import ray
 
     from bench._inputs import label_names
     from segclip.runtime.ray_run import run_images_ray
     from segclip.runtime.runner import run_images
 
-    root = Path(tempfile.mkdtemp(prefix="segclip-bench-ray-"))
     _write_images(root / "in", args.images, args.size)
     labels, cpus = label_names(args.labels), _cpus()
     began = time.perf_counter()
@@ -131,8 +136,8 @@ def bench_serve(args: argparse.Namespace) -> dict[str, Any]:
     plain_args = argparse.Namespace(bundle=args.bundle, max_batch=16, max_wait_ms=5.0,
                                     timeout_s=600.0, threads=None, variant=None,
                                     server_cpus=None)
-    process, plain_url = start_server(plain_args,
-                                      Path(tempfile.mkdtemp(prefix="segclip-bench-")) / "log")
+    scratch = tempfile.TemporaryDirectory(prefix="segclip-bench-")  # the plain server's log
+    process, plain_url = start_server(plain_args, Path(scratch.name) / "log")
     port = int(plain_url.rsplit(":", 1)[1]) + 1
     settings = ServeSettings(queue=256, timeout_s=600.0)
     try:
@@ -157,6 +162,7 @@ def bench_serve(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         process.terminate()
         process.wait(timeout=60)
+        scratch.cleanup()
         if ray.is_initialized():
             serve.shutdown()
             ray.shutdown()

@@ -308,38 +308,39 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
     images = make_images(args.size)
     bodies = encode_bodies(images, labels)
     info = machine_info()
-    log = Path(tempfile.mkdtemp(prefix="segclip-bench-serve-")) / "server.log"
-    process, url = start_server(args, log)
-    _pin(args.server_cpus)  # the direct baseline runs here, on the server's CPUs
-    try:
-        segmenter = Segmenter(args.bundle, device="cpu", threads=args.threads,
-                              variant=args.variant, batch_size=args.max_batch)
-        run_direct(segmenter, images, labels, 4, 1, args.max_batch)  # warm both sides
-        run_server(url, bodies, 4, 1, args.client_cpus)
-        rss_before = _rss_kib(process.pid)
-        server_affinity = sorted(os.sched_getaffinity(process.pid))
-        raw: dict[int, dict[str, list]] = {c: {"direct": [], "server": []} for c in levels}
-        paired: list[float] = []  # concurrency 1: per-pair server / direct latency
-        for round_ in range(args.rounds):
-            for c in levels:
-                if c == 1:
-                    direct, server, pair_ratios = run_paired(segmenter, url, images, bodies,
-                                                             labels, args.requests,
-                                                             args.client_cpus)
-                    raw[c]["direct"].append(direct)
-                    raw[c]["server"].append(server)
-                    paired += pair_ratios
-                    continue
-                raw[c]["direct"].append(run_direct(segmenter, images, labels, args.requests, c,
-                                                   args.max_batch))
-                raw[c]["server"].append(run_server(url, bodies, args.requests, c,
-                                                   args.client_cpus))
-                print(f"round {round_ + 1}/{args.rounds} concurrency {c}: done", flush=True)
-        rss_after = _rss_kib(process.pid)
-        segmenter.close()
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
+    # the server log lives as long as the run (a server that fails to start has it quoted)
+    with tempfile.TemporaryDirectory(prefix="segclip-bench-serve-") as scratch:
+        process, url = start_server(args, Path(scratch) / "server.log")
+        _pin(args.server_cpus)  # the direct baseline runs here, on the server's CPUs
+        try:
+            segmenter = Segmenter(args.bundle, device="cpu", threads=args.threads,
+                                  variant=args.variant, batch_size=args.max_batch)
+            run_direct(segmenter, images, labels, 4, 1, args.max_batch)  # warm both sides
+            run_server(url, bodies, 4, 1, args.client_cpus)
+            rss_before = _rss_kib(process.pid)
+            server_affinity = sorted(os.sched_getaffinity(process.pid))
+            raw: dict[int, dict[str, list]] = {c: {"direct": [], "server": []} for c in levels}
+            paired: list[float] = []  # concurrency 1: per-pair server / direct latency
+            for round_ in range(args.rounds):
+                for c in levels:
+                    if c == 1:
+                        direct, server, pair_ratios = run_paired(segmenter, url, images, bodies,
+                                                                 labels, args.requests,
+                                                                 args.client_cpus)
+                        raw[c]["direct"].append(direct)
+                        raw[c]["server"].append(server)
+                        paired += pair_ratios
+                        continue
+                    raw[c]["direct"].append(run_direct(segmenter, images, labels, args.requests, c,
+                                                       args.max_batch))
+                    raw[c]["server"].append(run_server(url, bodies, args.requests, c,
+                                                       args.client_cpus))
+                    print(f"round {round_ + 1}/{args.rounds} concurrency {c}: done", flush=True)
+            rss_after = _rss_kib(process.pid)
+            segmenter.close()
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
     results = {c: summarize_level(raw[c]["direct"], raw[c]["server"]) for c in levels}
     if 1 in results:
         results[1]["paired_ratios"] = [round(r, 4) for r in paired]

@@ -147,7 +147,6 @@ class SegmentActor:
             return
         self.extra = result_extra(self.segmenter, run_record(
             engine, self.names, self.segmenter.threshold, segmenter_options.get("variant")))
-        self.scratch = tempfile.mkdtemp(prefix="segclip-ray-") if self.remote_out else ""
 
     def _make_out(self) -> None:
         if self.remote_out:
@@ -159,10 +158,16 @@ class SegmentActor:
             raise OutputError(f"cannot create the output folder {self.out}: {e}") from e
 
     def _one(self, source: str, name: str) -> dict[str, float]:
-        """Segment one image and write its triple; the timings of `segclip-run`."""
+        """Segment one image and write its triple; the timings of `segclip-run`. For a remote
+        output the files are written to a folder of their own first, removed after upload."""
+        where: Any = source if _uri.is_uri(source) else Path(source)  # a URI stays text
+        if not self.remote_out:
+            return self._segment(source, RunItem(where, name, Path(self.out)))
+        with tempfile.TemporaryDirectory(prefix="segclip-ray-") as scratch:
+            return self._segment(source, RunItem(where, name, Path(scratch)))
+
+    def _segment(self, source: str, item: RunItem) -> dict[str, float]:
         remote_in = _uri.is_uri(source)
-        item = RunItem(source if remote_in else Path(source), name,  # type: ignore[arg-type]
-                       Path(self.scratch) if self.remote_out else Path(self.out))
         try:
             began = time.perf_counter()
             image = (_decode(_uri.read_bytes(source), source, self.max_pixels) if remote_in
@@ -181,9 +186,6 @@ class SegmentActor:
                 for path in item.files:
                     _uri.delete(_uri.join(self.out, path.name))
             raise
-        finally:
-            if self.remote_out:
-                _discard(item)
         return dict(result.timings)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -129,10 +129,12 @@ def test_uri_input_and_output(local_ray, tiny_bundle: Path, photos: dict[str, Pa
         source = photos["folder"] / f"{name.replace('_', ' ')}.png"
         (folder / f"{name}.png").write_bytes(source.read_bytes())
     out = tmp_path / "out"
+    scratch = set(Path(tempfile.gettempdir()).glob("segclip-ray-*"))  # the actors' staging
     result = runner.invoke(app, ["--engine", str(tiny_bundle), "--labels", str(photos["labels"]),
                                  "--out", f"file://{out}", "--device", "cpu", "--quiet",
                                  "--ray", f"file://{folder}"])
     assert result.exit_code == 0, result.output
+    assert set(Path(tempfile.gettempdir()).glob("segclip-ray-*")) <= scratch, "staging left"
     for stem in names:
         assert (out / f"{stem}.png").read_bytes() == (reference / f"{stem}.png").read_bytes()
         report = json.loads((out / f"{stem}.json").read_text())
