@@ -20,6 +20,7 @@ a backend that is not there raises `Unavailable` with the reason, which the benc
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -224,8 +225,6 @@ class OvRunner(Runner):
     removed with the runner or at exit)."""
 
     def __init__(self, name: str, bundle: Path, threads: int) -> None:
-        import tempfile
-
         super().__init__()
         self._cache = tempfile.TemporaryDirectory(prefix="segclip-ov-")
         cache_dir = self._cache.name

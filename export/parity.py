@@ -131,7 +131,7 @@ def prompt_tokens(prompts: tuple[str, ...], context_length: int) -> np.ndarray:
 
 def max_abs_diff(got: np.ndarray, want: np.ndarray) -> float:
     """max |got - want|, or inf where `got` holds a NaN or an inf (`max` would skip a NaN)."""
-    diff = np.abs(got.astype(np.float32) - want)
+    diff = np.abs(got - want)
     return float(diff.max()) if np.isfinite(diff).all() else math.inf
 
 

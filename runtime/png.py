@@ -18,11 +18,9 @@ import numpy as np
 
 try:  # ISA-L's deflate, a drop-in for zlib.compress
     from isal import isal_zlib as _deflate
-
-    DEFLATE_LEVEL = 1  # ISA-L's levels are 0..3
 except ImportError:  # pragma: no cover - isal is a dependency; kept for odd platforms
     _deflate = zlib  # type: ignore[assignment]
-    DEFLATE_LEVEL = 1
+DEFLATE_LEVEL = 1  # of ISA-L's 0..3 (zlib's 1 in the fallback)
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 INDEXED, GREY = 3, 0  # PNG colour types

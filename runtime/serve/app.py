@@ -25,7 +25,7 @@ from fastapi.responses import HTMLResponse, Response
 from segclip._version import __version__
 from segclip.runtime.serve.metrics import CONTENT_TYPE, Metrics
 from segclip.runtime.serve.problems import Problem, install_handlers
-from segclip.runtime.serve.requests import read_body, validate_labels
+from segclip.runtime.serve.requests import json_body, read_body, validate_labels
 from segclip.runtime.serve.route import HAS_SCORES, PATH, SegmentRoute
 from segclip.runtime.serve.settings import ServeSettings
 
@@ -185,10 +185,7 @@ def build_app(engine: Any, settings: ServeSettings,
     async def register(request: Request) -> dict[str, Any]:
         body = await read_body(request.headers.get("content-length"), request.stream(),
                                settings)
-        try:
-            data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise Problem(400, f"the body is not valid JSON: {e}") from None
+        data = json_body(body)
         if not isinstance(data, dict) or "labels" not in data:
             raise Problem(400, 'send a JSON object {"labels": [...]}')
         labels = validate_labels(data["labels"], settings)

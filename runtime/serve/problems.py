@@ -45,6 +45,11 @@ class Problem(Exception):
         return body
 
 
+def internal_error() -> Problem:
+    """The 500 of an unexpected exception: its body names no internals (the log has them)."""
+    return Problem(500, "the server failed to process the request; see the server log")
+
+
 def problem_response(problem: Problem, instance: str | None = None) -> JSONResponse:
     return JSONResponse(problem.body(instance), status_code=problem.status,
                         headers=problem.headers, media_type=MEDIA_TYPE)
@@ -78,5 +83,4 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return problem_response(Problem(500, "the server failed to process the request; "
-                                             "see the server log"), request.url.path)
+        return problem_response(internal_error(), request.url.path)

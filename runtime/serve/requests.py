@@ -178,11 +178,16 @@ def parse_segment(content_type: str, body: bytes, settings: ServeSettings) -> Se
     return _parse_json(body, settings)
 
 
-def _parse_json(body: bytes, settings: ServeSettings) -> SegmentRequest:
+def json_body(body: bytes) -> Any:
+    """The decoded JSON of a request body; 400 if it is not JSON (or not UTF-8)."""
     try:
-        data = json.loads(body)
+        return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise Problem(400, f"the body is not valid JSON: {e}") from None
+
+
+def _parse_json(body: bytes, settings: ServeSettings) -> SegmentRequest:
+    data = json_body(body)
     if not isinstance(data, dict):
         raise Problem(400, "the JSON body must be an object with 'image' and 'labels'")
     unknown = set(data) - {"image", "labels", "label_set", "threshold", "outputs"}

@@ -33,7 +33,7 @@ from segclip.runtime.errors import ImageError
 from segclip.runtime.segmenter import SegmentResult
 from segclip.runtime.serve.engine import QueueFull, within
 from segclip.runtime.serve.metrics import Metrics
-from segclip.runtime.serve.problems import MEDIA_TYPE, Problem
+from segclip.runtime.serve.problems import MEDIA_TYPE, Problem, internal_error
 from segclip.runtime.serve.requests import (
     SegmentJob,
     body_kind,
@@ -127,8 +127,7 @@ class SegmentRoute:
             return
         except Exception:  # noqa: BLE001 - logged, answered as a 500 naming no internals
             log.exception("unexpected error on POST %s", scope["path"])
-            reply = problem_reply(Problem(500, "the server failed to process the request; "
-                                               "see the server log"), scope["path"])
+            reply = problem_reply(internal_error(), scope["path"])
         raw_headers = [(b"content-type", reply.media_type.encode("latin-1")),
                        (b"content-length", str(len(reply.body)).encode("latin-1"))]
         raw_headers += [(k.lower().encode("latin-1"), v.encode("latin-1"))
