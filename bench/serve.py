@@ -2,31 +2,37 @@
 
     python bench/serve.py --bundle DIR [--concurrency 1,4,16] [--requests 96] [--rounds 3]
         [--labels 20] [--size 375x500] [--threads N] [--max-batch 16] [--max-wait-ms 5]
-        [--variant fp32] [--timeout-s 600] [--server-cpus 0] [--client-cpus 1] [--out FILE.json]
+        [--variant fp32] [--timeout-s 600] [--server-cpus 0] [--client-cpus 1]
+        [--client lean|stdlib] [--out FILE.json]
 
-Starts `segclip-serve` on 127.0.0.1 (a free port) and, in this process, a `Segmenter` on the same
-bundle with the same threads. Each round runs, for every concurrency level, first the direct
-baseline and then the server, so load from other work hits both alike: at concurrency 1 the
-baseline is `Segmenter.segment` on the encoded image (decoding included), alternated request by
-request with the server (each pair's server / direct ratio is reported too);
-at concurrency c > 1 it is `Segmenter.segment_batch` on chunks of min(c, max_batch) images. The
-server gets `--requests` requests per level and round from c client threads (one keep-alive
-`http.client` connection each, multipart bodies encoded once before timing, the label map PNG in
-the response, its JSON parsed). Reported per level: requests/s, client latency
-p50/p90/p99, the server's per-stage p50/p90/p99 (`timings_ms`), errors, batch sizes; server RSS
-after warm-up and at the end. Ratios: server latency / direct latency at concurrency 1, server
-throughput / direct batched throughput at the highest concurrency. `--server-cpus` pins the
-server and the direct baseline, `--client-cpus` the client threads (as if the clients ran on
-other machines); without them nothing is pinned.
+Each round starts `segclip-serve` on 127.0.0.1 (a free port) and a process with a `Segmenter` on
+the same bundle with the same threads (both fresh each round: see `DirectProcess`), then runs,
+for every concurrency level, first the direct baseline and then the server, so load from other
+work hits both alike. At concurrency 1 the baseline is `Segmenter.segment` on the encoded image
+(decoding included), alternated request by request with the server (each pair's server /
+direct ratio is reported too), and each pair is followed by the same request through the app
+in the baseline's process without HTTP (`InProcessApp`) and by a `GET /healthz` round trip. At
+concurrency c > 1 the baseline is `Segmenter.segment_batch` on chunks of min(c, max_batch)
+images. The server gets `--requests` requests per level and round from c client threads (one
+keep-alive connection each; requests serialized once before timing (h11), responses parsed by
+httptools, or `--client stdlib`: `http.client`; the label map PNG in the response, its JSON
+parsed).
+
+Reported per level: requests/s, client latency p50/p90/p99, the server's per-stage
+p50/p90/p99 (`timings_ms`), errors, batch sizes; the server's RSS after warm-up and at the end
+of each round. Ratios: server latency / direct latency at concurrency 1 (and the app without
+HTTP / direct), server throughput / direct batched throughput at the highest concurrency.
+`--server-cpus` pins the server and the baseline's process, `--client-cpus` the client threads
+(as if the clients ran on other machines); without them nothing is pinned.
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -39,8 +45,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/serve.py` puts bench/, not the repo, on the path
     sys.path.insert(0, str(ROOT))
 
+from bench._serve_clients import CLIENTS  # noqa: E402 - after the path fix above
+from bench._serve_direct import STARTUP_S, DirectProcess, pin  # noqa: E402
+
 STAGES = ("queue", "decode", "preprocess", "text", "image", "assign", "encode", "total")
-STARTUP_S = 300.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -62,6 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--client-cpus", type=_cpus, default=None,
                         help="CPUs for the client threads, e.g. 1: clients off the server's "
                              "CPUs, as when they run on other machines")
+    parser.add_argument("--client", choices=sorted(CLIENTS), default="lean",
+                        help="lean: requests serialized once (h11), responses parsed by "
+                             "httptools; stdlib: http.client")
     parser.add_argument("--out", type=Path, default=None)
     return parser.parse_args(argv)
 
@@ -86,14 +97,7 @@ def _plain(value: Any) -> Any:
     return sorted(value) if isinstance(value, frozenset) else value
 
 
-def _pin(cpus: frozenset[int] | None) -> None:
-    """Pin the calling thread (and the threads it starts later) to `cpus`; None: leave it."""
-    if cpus:
-        os.sched_setaffinity(0, cpus)
-
-
 def _free_port() -> int:
-    import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -158,55 +162,6 @@ def make_images(size: str, count: int = 8) -> list[bytes]:
     return out
 
 
-def run_direct(segmenter: Any, images: list[bytes], labels: list[str], requests: int,
-               concurrency: int, max_batch: int) -> dict[str, Any]:
-    from PIL import Image
-
-    latencies, began = [], time.perf_counter()
-    chunk = 1 if concurrency == 1 else min(concurrency, max_batch)
-    done = 0
-    while done < requests:
-        count = min(chunk, requests - done)
-        batch = [Image.open(io.BytesIO(images[(done + i) % len(images)])) for i in range(count)]
-        start = time.perf_counter()
-        if count == 1:
-            segmenter.segment(batch[0], labels)
-        else:
-            segmenter.segment_batch(batch, labels)
-        latencies.append(time.perf_counter() - start)
-        done += count
-    wall = time.perf_counter() - began
-    return {"latencies_s": latencies, "wall_s": wall, "images": requests, "chunk": chunk}
-
-
-class _Client:
-    """One keep-alive connection to the server (stdlib `http.client`) with the multipart bodies
-    encoded once (urllib3), so the client's own per-request work stays small: on a 2-core
-    machine it shares the CPUs with the server it measures."""
-
-    def __init__(self, url: str, bodies: list[tuple[bytes, str]]) -> None:
-        from urllib.parse import urlsplit
-
-        address = urlsplit(url)
-        self.connection = http.client.HTTPConnection(address.hostname, address.port, timeout=300)
-        self.path = address.path.rstrip("/") + "/v1/segment"  # a Ray Serve route prefix kept
-        self.bodies = bodies
-
-    def post(self, index: int) -> tuple[float, int, dict[str, Any]]:
-        """Request `index` (its image: bodies[index % len]): (latency s, status, JSON or {})."""
-        body, content_type = self.bodies[index % len(self.bodies)]
-        start = time.perf_counter()
-        self.connection.request("POST", self.path, body=body,
-                                headers={"Content-Type": content_type})
-        response = self.connection.getresponse()
-        data = response.read()
-        result = json.loads(data) if response.status == 200 else {}
-        return time.perf_counter() - start, response.status, result
-
-    def close(self) -> None:
-        self.connection.close()
-
-
 def encode_bodies(images: list[bytes], labels: list[str]) -> list[tuple[bytes, str]]:
     """(multipart body, its Content-Type) per image: field `image` (JPEG) and `labels` (JSON)."""
     from urllib3 import encode_multipart_formdata
@@ -217,45 +172,48 @@ def encode_bodies(images: list[bytes], labels: list[str]) -> list[tuple[bytes, s
 
 
 def run_server(url: str, bodies: list[tuple[bytes, str]], requests: int, concurrency: int,
-               client_cpus: frozenset[int] | None = None) -> dict[str, Any]:
-    def client(worker: int) -> list[tuple[float, int, dict[str, Any]]]:
-        session = _Client(url, bodies)
+               client_cpus: frozenset[int] | None = None, client: str = "lean",
+               ) -> dict[str, Any]:
+    def load(worker: int) -> list[tuple[float, int, dict[str, Any]]]:
+        session = CLIENTS[client](url, bodies)
         try:
             return [session.post(index) for index in range(worker, requests, concurrency)]
         finally:
             session.close()
 
     began = time.perf_counter()
-    with ThreadPoolExecutor(concurrency, initializer=_pin, initargs=(client_cpus,)) as pool:
-        results = [r for rs in pool.map(client, range(concurrency)) for r in rs]
+    with ThreadPoolExecutor(concurrency, initializer=pin, initargs=(client_cpus,)) as pool:
+        results = [r for rs in pool.map(load, range(concurrency)) for r in rs]
     wall = time.perf_counter() - began
     return _server_result(results, wall)
 
 
-def run_paired(segmenter: Any, url: str, images: list[bytes], bodies: list[tuple[bytes, str]],
-               labels: list[str], requests: int, client_cpus: frozenset[int] | None = None,
+def run_paired(direct: DirectProcess, url: str, bodies: list[tuple[bytes, str]], requests: int,
+               client_cpus: frozenset[int] | None = None, client: str = "lean",
                ) -> tuple[dict[str, Any], dict[str, Any], list[float]]:
-    """Concurrency 1 as pairs: each image through `Segmenter.segment`, then at once through the
-    server, so both see the same moment's load; also each pair's server / direct ratio. The
+    """Concurrency 1 as pairs: each image through `Segmenter.segment` (in `direct`), then at
+    once through the server, so both see the same moment's load; also each pair's server /
+    direct ratio. After each pair: the same request through the app in `direct`'s process
+    without HTTP (the direct result's `in_process_s`), and a `GET /healthz` round trip (the
+    server's `pings_s`: what HTTP on this machine costs a request that does no work). The
     requests go out from a client thread (on `client_cpus`); each is timed there."""
-    from PIL import Image
-
-    direct, served, ratios = [], [], []
-    session = _Client(url, bodies)
-    poster = ThreadPoolExecutor(1, initializer=_pin, initargs=(client_cpus,))
+    direct_s, served, ratios, pings, in_process = [], [], [], [], []
+    session = CLIENTS[client](url, bodies)
+    poster = ThreadPoolExecutor(1, initializer=pin, initargs=(client_cpus,))
     try:
         for index in range(requests):
-            start = time.perf_counter()
-            segmenter.segment(Image.open(io.BytesIO(images[index % len(images)])), labels)
-            direct.append(time.perf_counter() - start)
+            direct_s.append(direct.segment(index))
             served.append(poster.submit(session.post, index).result())
             if served[-1][1] == 200:
-                ratios.append(served[-1][0] / direct[-1])
+                ratios.append(served[-1][0] / direct_s[-1])
+            in_process.append(direct.app(index))
+            pings.append(poster.submit(session.ping).result())
     finally:
         poster.shutdown()
         session.close()
-    return ({"latencies_s": direct, "wall_s": sum(direct), "images": requests, "chunk": 1},
-            _server_result(served, sum(r[0] for r in served)), ratios)
+    return ({"latencies_s": direct_s, "wall_s": sum(direct_s), "images": requests, "chunk": 1,
+             "in_process_s": in_process},
+            {**_server_result(served, sum(r[0] for r in served)), "pings_s": pings}, ratios)
 
 
 def _server_result(results: list[tuple[float, int, dict[str, Any]]],
@@ -285,7 +243,9 @@ def summarize_level(direct: list[dict], server: list[dict]) -> dict[str, Any]:
     s_ok = sum(r["requests"] - r["errors"] for r in server)
     stages = {s: _pcts([v for r in server for v in r["stages_ms"][s]]) for s in STAGES}
     batches = [b for r in server for b in r["batch_sizes"]]
-    return {"direct": {"chunk": direct[0]["chunk"], "calls": len(d_lat),
+    pings = [p for r in server for p in r.get("pings_s", [])]
+    in_process = [t for r in direct for t in r.get("in_process_s", [])]
+    level = {"direct": {"chunk": direct[0]["chunk"], "calls": len(d_lat),
                        "latency_per_call": summarize(d_lat),
                        "images_per_s": d_images / sum(r["wall_s"] for r in direct)},
             "server": {"requests": sum(r["requests"] for r in server),
@@ -295,52 +255,55 @@ def summarize_level(direct: list[dict], server: list[dict]) -> dict[str, Any]:
                        "latency": summarize(s_lat), "stages_ms": stages,
                        "batch_size_mean": sum(batches) / max(1, len(batches)),
                        "batch_size_max": max(batches, default=0)}}
+    if pings:
+        level["server"]["healthz_round_trip"] = summarize(pings)
+    if in_process:
+        level["direct"]["app_in_process"] = summarize(in_process)
+    return level
 
 
 def collect(args: argparse.Namespace) -> dict[str, Any]:
     from bench._inputs import label_names
     from bench._machine import machine_info, machine_slug
     from bench._stats import percentile
-    from segclip.runtime.segmenter import Segmenter
 
     levels = [int(c) for c in args.concurrency.split(",")]
     labels = label_names(args.labels)
     images = make_images(args.size)
     bodies = encode_bodies(images, labels)
     info = machine_info()
+    raw: dict[int, dict[str, list]] = {c: {"direct": [], "server": []} for c in levels}
+    paired: list[float] = []  # concurrency 1: per-pair server / direct latency
+    rss: list[dict[str, int]] = []  # per round: the server's RSS after warm-up and at the end
     # the server log lives as long as the run (a server that fails to start has it quoted)
     with tempfile.TemporaryDirectory(prefix="segclip-bench-serve-") as scratch:
-        process, url = start_server(args, Path(scratch) / "server.log")
-        _pin(args.server_cpus)  # the direct baseline runs here, on the server's CPUs
-        try:
-            segmenter = Segmenter(args.bundle, device="cpu", threads=args.threads,
-                                  variant=args.variant, batch_size=args.max_batch)
-            run_direct(segmenter, images, labels, 4, 1, args.max_batch)  # warm both sides
-            run_server(url, bodies, 4, 1, args.client_cpus)
-            rss_before = _rss_kib(process.pid)
-            server_affinity = sorted(os.sched_getaffinity(process.pid))
-            raw: dict[int, dict[str, list]] = {c: {"direct": [], "server": []} for c in levels}
-            paired: list[float] = []  # concurrency 1: per-pair server / direct latency
-            for round_ in range(args.rounds):
+        for round_ in range(args.rounds):  # a fresh server and direct process each round
+            process, url = start_server(args, Path(scratch) / "server.log")
+            direct: DirectProcess | None = None
+            try:
+                direct = DirectProcess(args, images, labels, bodies)
+                direct.run(4, 1)  # warm both sides
+                run_server(url, bodies, 4, 1, args.client_cpus, args.client)
+                rss.append({"after_warm_up": _rss_kib(process.pid)})
+                server_affinity = sorted(os.sched_getaffinity(process.pid))
                 for c in levels:
                     if c == 1:
-                        direct, server, pair_ratios = run_paired(segmenter, url, images, bodies,
-                                                                 labels, args.requests,
-                                                                 args.client_cpus)
-                        raw[c]["direct"].append(direct)
-                        raw[c]["server"].append(server)
+                        d, served, pair_ratios = run_paired(direct, url, bodies, args.requests,
+                                                            args.client_cpus, args.client)
+                        raw[c]["direct"].append(d)
+                        raw[c]["server"].append(served)
                         paired += pair_ratios
-                        continue
-                    raw[c]["direct"].append(run_direct(segmenter, images, labels, args.requests, c,
-                                                       args.max_batch))
-                    raw[c]["server"].append(run_server(url, bodies, args.requests, c,
-                                                       args.client_cpus))
+                    else:
+                        raw[c]["direct"].append(direct.run(args.requests, c))
+                        raw[c]["server"].append(run_server(url, bodies, args.requests, c,
+                                                           args.client_cpus, args.client))
                     print(f"round {round_ + 1}/{args.rounds} concurrency {c}: done", flush=True)
-            rss_after = _rss_kib(process.pid)
-            segmenter.close()
-        finally:
-            process.terminate()
-            process.wait(timeout=60)
+                rss[-1]["end"] = _rss_kib(process.pid)
+            finally:
+                if direct is not None:
+                    direct.close()
+                process.terminate()
+                process.wait(timeout=60)
     results = {c: summarize_level(raw[c]["direct"], raw[c]["server"]) for c in levels}
     if 1 in results:
         results[1]["paired_ratios"] = [round(r, 4) for r in paired]
@@ -350,13 +313,17 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
         ratios["latency_c1_server_over_direct"] = (
             c1["server"]["latency"]["median_ms"] / c1["direct"]["latency_per_call"]["median_ms"])
         ratios["latency_c1_paired_median"] = percentile(paired, 50) if paired else None
+        ratios["latency_c1_app_in_process_over_direct"] = (
+            c1["direct"]["app_in_process"]["median_ms"]
+            / c1["direct"]["latency_per_call"]["median_ms"])
     ratios[f"throughput_c{max(levels)}_server_over_direct_batched"] = (
         top["server"]["requests_per_s"] / top["direct"]["images_per_s"])
     return {"bench": "serve", "bundle": str(args.bundle), "machine": info,
             "machine_slug": machine_slug(info), "load_average_end": os.getloadavg(),
             "options": {k: _plain(v) for k, v in vars(args).items()},
             "labels": len(labels), "image_size": args.size,
-            "rss_kib": {"after_warm_up": rss_before, "end": rss_after},
+            "rss_kib": {"rounds": rss, "after_warm_up": max(r["after_warm_up"] for r in rss),
+                        "end": max(r["end"] for r in rss)},
             "server_affinity": server_affinity,
             "levels": {str(c): results[c] for c in levels}, "ratios": ratios,
             "targets": [{"target": "server latency at concurrency 1 <= 1.10x direct",
@@ -382,8 +349,16 @@ def print_summary(results: dict[str, Any]) -> None:
               f"{s['stages_ms']['queue'].get('p50_ms', float('nan')):.2f} | "
               f"{s['batch_size_mean']:.2f} | {s['errors']} |")
     rss = results["rss_kib"]
-    print(f"server RSS: {rss['after_warm_up'] / 1024:.1f} MiB after warm-up, "
-          f"{rss['end'] / 1024:.1f} MiB at the end")
+    print("server RSS per round, after warm-up -> end: " + ", ".join(
+        f"{r['after_warm_up'] / 1024:.1f} -> {r['end'] / 1024:.1f} MiB" for r in rss["rounds"]))
+    in_process = results["ratios"].get("latency_c1_app_in_process_over_direct")
+    if in_process is not None:
+        print(f"concurrency 1, the app in process without HTTP / direct: {in_process:.3f}x "
+              f"(p50 {results['levels']['1']['direct']['app_in_process']['median_ms']:.2f} ms)")
+    ping = results["levels"].get("1", {}).get("server", {}).get("healthz_round_trip")
+    if ping:
+        print(f"concurrency 1, GET /healthz round trip (HTTP on this machine, no work): "
+              f"p50 {ping['median_ms']:.3f} ms")
     paired = results["ratios"].get("latency_c1_paired_median")
     if paired is not None:
         print(f"concurrency 1, median of the per-request server / direct ratios: {paired:.3f}x")

@@ -31,7 +31,7 @@ from typing import Any
 from segclip.errors import SegclipError
 from segclip.runtime.errors import ImageError
 from segclip.runtime.segmenter import SegmentResult
-from segclip.runtime.serve.engine import QueueFull, within
+from segclip.runtime.serve.engine import INLINE_PIXELS, QueueFull, within
 from segclip.runtime.serve.metrics import Metrics
 from segclip.runtime.serve.problems import MEDIA_TYPE, Problem, internal_error
 from segclip.runtime.serve.requests import (
@@ -50,7 +50,6 @@ PATH = "/v1/segment"
 # image decode / PNG, JPEG encode threads: up to 4, no more than the CPUs this process may use
 CODEC_THREADS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                     else os.cpu_count() or 1)
-INLINE_PIXELS = 1 << 19  # up to ~0.5 MP: decoded / label map encoded on the loop when idle
 INLINE_OUTPUTS = frozenset({"label_map", "scores"})  # outputs cheap enough to encode there
 HAS_SCORES = "scores" in getattr(SegmentResult, "__dataclass_fields__", {})
 CLIENT_CLOSED = 499  # the status counted for a request whose client left before the reply

@@ -35,20 +35,25 @@ def test_serve_bench_runs_and_reports(bench_bundle: Path, tmp_path: Path) -> Non
         sorted(pairs)[2:4][0] / 2 + sorted(pairs)[2:4][1] / 2, rel=1e-3)
     assert "per-request server / direct ratios" in proc.stdout
     assert results["rss_kib"]["after_warm_up"] > 0 and results["rss_kib"]["end"] > 0
+    assert c1["server"]["healthz_round_trip"]["n"] == 6  # one GET /healthz after each pair
+    assert results["options"]["client"] == "lean"
     assert "server latency at concurrency 1" in proc.stdout and "| 3 |" in proc.stdout
 
 
 def test_serve_bench_pins_server_and_clients(bench_bundle: Path, tmp_path: Path) -> None:
+    """Pinned, two rounds (a fresh server and direct process each), the http.client client."""
     import os
 
     cpus = sorted(os.sched_getaffinity(0))
     server, client = cpus[0], cpus[-1]
     out = tmp_path / "serve.json"
     run_script("serve.py", "--bundle", str(bench_bundle), "--concurrency", "1,2",
-               "--requests", "4", "--rounds", "1", "--labels", "2", "--size", "48x64",
+               "--requests", "4", "--rounds", "2", "--labels", "2", "--size", "48x64",
                "--threads", "1", "--server-cpus", str(server), "--client-cpus", str(client),
-               "--out", str(out))
+               "--client", "stdlib", "--out", str(out))
     results = json.loads(out.read_text())
+    assert len(results["rss_kib"]["rounds"]) == 2
+    assert all(level["server"]["requests"] == 8 for level in results["levels"].values())
     assert results["server_affinity"] == [server]
     assert results["options"]["server_cpus"] == [server]
     assert results["options"]["client_cpus"] == [client]
