@@ -41,15 +41,18 @@ def label_png_bytes(values: np.ndarray, palette: bytes | None) -> bytes:
     if palette is not None:
         if len(palette) % 3 or not 3 <= len(palette) <= 768:
             raise ValueError(f"a PNG palette holds 1..256 RGB triples, got {len(palette)} bytes")
-        depth, colour, samples = 8, INDEXED, values.astype(np.uint8)  # (H, W)
+        depth, colour = 8, INDEXED
+        rows = np.empty((height, 1 + width), np.uint8)  # filter byte + row
+        rows[:, 1:] = values  # (H, W) cast to 8 bits as it is copied
     else:
-        depth, colour, samples = 16, GREY, values.astype(">u2")  # (H, W) big-endian
-    rows = np.zeros((height, 1 + width * samples.itemsize), np.uint8)  # filter byte 0 + row
-    rows[:, 1:] = samples.view(np.uint8).reshape(height, -1)
+        depth, colour = 16, GREY
+        rows = np.empty((height, 1 + 2 * width), np.uint8)  # filter byte + row
+        rows[:, 1:] = values.astype(">u2").view(np.uint8).reshape(height, -1)  # big-endian
+    rows[:, 0] = 0  # filter type 0 (None) on every row
     header = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
     chunks = [_chunk(b"IHDR", header)]
     if palette is not None:
         chunks.append(_chunk(b"PLTE", palette))
-    chunks.append(_chunk(b"IDAT", _deflate.compress(rows.tobytes(), DEFLATE_LEVEL)))
+    chunks.append(_chunk(b"IDAT", _deflate.compress(rows, DEFLATE_LEVEL)))  # no copy to bytes
     chunks.append(_chunk(b"IEND", b""))
     return SIGNATURE + b"".join(chunks)

@@ -48,7 +48,8 @@ def _check_label_map(label_map: np.ndarray, num_labels: int) -> np.ndarray:
     if label_map.ndim != 2 or not np.issubdtype(label_map.dtype, np.integer):
         raise ValueError(f"label_map must be (H, W) integers, got {label_map.shape} "
                          f"{label_map.dtype}")
-    if label_map.size and (label_map.min() < 0 or label_map.max() > num_labels):
+    signed = label_map.dtype.kind == "i"  # unsigned maps (the Segmenter's) have no minimum to check
+    if label_map.size and ((signed and label_map.min() < 0) or label_map.max() > num_labels):
         raise ValueError(f"label_map values must be in [0, {num_labels}], got "
                          f"[{label_map.min()}, {label_map.max()}]")
     return label_map
