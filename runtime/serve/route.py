@@ -12,7 +12,8 @@ Decoding and encoding run in a small thread pool of their own (few threads keep 
 bounded), so the loop keeps accepting requests while the engine works. When the engine is idle
 (nothing queued or running), a small image (up to `INLINE_PIXELS`) is decoded, and its
 label-map PNG encoded, on the loop itself: there is nothing to overlap with, and that work
-(~1 ms) costs little more than the two thread hand-offs it saves.
+(~1 ms) costs little more than the two thread hand-offs it saves. A process that may use one
+CPU only does so always: there a codec thread could only take turns with the loop.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ class SegmentRoute:
         self.label_sets = label_sets
         self.expect: Callable[[int], None] = getattr(engine, "expect", lambda delta: None)
         self.codec = ThreadPoolExecutor(CODEC_THREADS, thread_name_prefix="segclip-codec")
+        self.one_cpu = CODEC_THREADS == 1  # small images' codec work always on the loop
         self._keys = [k.encode("utf-8") for k in sorted(settings.api_keys)]
         self._counted: dict[int, Any] = {}  # status -> its requests counter, looked up once
 
@@ -215,18 +217,23 @@ class SegmentRoute:
         return Reply(200, "application/json", json_bytes(body))
 
     async def _decode(self, data: bytes) -> Any:
-        """The (H, W, 3) image. With the engine idle its header is read here, and a small image
-        decoded here too (`_inline`); otherwise decoding is handed to the codec threads."""
-        if not getattr(self.engine, "idle", False):
+        """The (H, W, 3) image. With the engine idle (or on one CPU) its header is read here,
+        and a small image decoded here too (`_inline`); otherwise decoding is handed to the
+        codec threads."""
+        if not self._local():
             return await self._codec(False, decode_image, data, self.settings.max_pixels)
         opened = open_image(data, self.settings.max_pixels)
         inline = opened.width * opened.height <= INLINE_PIXELS
         return await self._codec(inline, decode_image, opened, self.settings.max_pixels)
 
+    def _local(self) -> bool:
+        """Whether codec work may run on the loop: the process has one CPU, or the engine is
+        idle (engines without an `idle` property never are)."""
+        return self.one_cpu or bool(getattr(self.engine, "idle", False))
+
     def _inline(self, pixels: int) -> bool:
-        """Codec work on the loop itself: the engine is idle and the image small (module
-        docstring). Engines without an `idle` property always hand it off."""
-        return bool(getattr(self.engine, "idle", False)) and pixels <= INLINE_PIXELS
+        """Codec work on the loop itself: `_local` and the image small (module docstring)."""
+        return self._local() and pixels <= INLINE_PIXELS
 
     async def _codec(self, inline: bool, function: Callable[..., Any], *args: Any) -> Any:
         if inline:

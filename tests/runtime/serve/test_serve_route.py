@@ -116,3 +116,27 @@ def test_plain_entry_answers_as_fastapi_route() -> None:
     slow_counted = [line for line in slow_metrics.decode().splitlines()
                     if line.startswith("segclip_requests_total") and "/v1/segment" in line]
     assert sorted(counted) == sorted(slow_counted)
+
+
+@pytest.mark.parametrize("cpus", [1, 4])
+def test_codec_work_on_the_loop_when_the_engine_is_idle_or_the_process_has_one_cpu(
+        cpus: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With more CPUs a busy engine's requests are decoded and encoded in the codec threads
+    (they overlap the engine); on one CPU a thread could only take turns with the loop."""
+    from segclip.runtime.serve import route
+    from segclip.runtime.serve.metrics import Metrics
+    from segclip.runtime.serve.settings import ServeSettings
+
+    monkeypatch.setattr(route, "CODEC_THREADS", cpus)
+    small, large = route.INLINE_PIXELS, route.INLINE_PIXELS + 1
+    seen = {}
+    for idle in (True, False):
+        engine = FakeEngine()
+        engine.idle = idle
+        segment = route.SegmentRoute(engine, ServeSettings(), Metrics(), {})
+        try:
+            seen[idle] = (segment._inline(small), segment._inline(large))
+        finally:
+            segment.close()
+    assert seen[True] == (True, False)  # idle: small images on the loop, whatever the CPUs
+    assert seen[False] == ((True, False) if cpus == 1 else (False, False))
