@@ -4,6 +4,7 @@ beside the server's app called there without HTTP (`InProcessApp`)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import multiprocessing
@@ -83,10 +84,8 @@ class DirectProcess:
 
     def close(self) -> None:
         if self.process.is_alive():
-            try:
+            with contextlib.suppress(OSError):  # it died meanwhile: it is reaped below
                 self.connection.send(None)
-            except OSError:
-                pass  # it is gone already: joined below
             self.process.join(60)
         if self.process.is_alive():
             self.process.kill()
@@ -99,7 +98,7 @@ def _direct_worker(connection: Any, bundle: str, threads: int | None, variant: s
                    labels: list[str], bodies: list[tuple[bytes, str]],
                    serve_settings: dict[str, Any]) -> None:
     """`DirectProcess`'s side: a `Segmenter`, and the server's app without its HTTP server
-    (`InProcessApp`), running what the pipe asks until None."""
+    (`InProcessApp`, loaded when first asked for), running what the pipe asks until None."""
     from PIL import Image
 
     from segclip.runtime.segmenter import Segmenter
@@ -107,7 +106,7 @@ def _direct_worker(connection: Any, bundle: str, threads: int | None, variant: s
     pin(cpus)
     segmenter = Segmenter(bundle, device="cpu", threads=threads, variant=variant,
                           batch_size=max_batch)
-    app = InProcessApp(bundle, threads, variant, serve_settings, bodies)
+    app: InProcessApp | None = None
     try:
         connection.send("ready")
         while (command := connection.recv()) is not None:
@@ -117,12 +116,15 @@ def _direct_worker(connection: Any, bundle: str, threads: int | None, variant: s
                                   labels)
                 connection.send(time.perf_counter() - start)
             elif command[0] == "app":
+                if app is None:
+                    app = InProcessApp(bundle, threads, variant, serve_settings, bodies)
                 connection.send(app.post(command[1]))
             else:
                 connection.send(run_direct(segmenter, images, labels, command[1], command[2],
                                            max_batch))
     finally:
-        app.close()
+        if app is not None:
+            app.close()
         segmenter.close()
 
 

@@ -98,7 +98,6 @@ def _plain(value: Any) -> Any:
 
 
 def _free_port() -> int:
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
