@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 STARTUP_S = 300.0
+SERVER_QUEUE = 256  # the servers' --queue: above any concurrency the benchmarks drive
 
 
 def pin(cpus: frozenset[int] | None) -> None:
@@ -56,8 +57,8 @@ class DirectProcess:
             target=_direct_worker, daemon=True,
             args=(child, str(args.bundle), args.threads, args.variant, args.max_batch,
                   args.server_cpus, images, labels, bodies,
-                  {"max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "queue": 256,
-                   "timeout_s": args.timeout_s}))
+                  {"max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
+                   "queue": SERVER_QUEUE, "timeout_s": args.timeout_s}))
         self.process.start()
         child.close()
         try:

@@ -127,6 +127,7 @@ def bench_serve(args: argparse.Namespace) -> dict[str, Any]:
     from ray import serve
 
     from bench._inputs import label_names
+    from bench._serve_direct import SERVER_QUEUE
     from bench.serve import encode_bodies, make_images, run_server, start_server
     from segclip.runtime.serve.ray import RayServeOptions, build_app
     from segclip.runtime.serve.settings import ServeSettings
@@ -139,7 +140,7 @@ def bench_serve(args: argparse.Namespace) -> dict[str, Any]:
     scratch = tempfile.TemporaryDirectory(prefix="segclip-bench-")  # the plain server's log
     process, plain_url = start_server(plain_args, Path(scratch.name) / "log")
     port = int(plain_url.rsplit(":", 1)[1]) + 1
-    settings = ServeSettings(queue=256, timeout_s=600.0)
+    settings = ServeSettings(queue=SERVER_QUEUE, timeout_s=600.0)  # as start_server's
     try:
         ray.init(address="local", num_cpus=2 * cpus, include_dashboard=False,
                  log_to_driver=False, _node_ip_address="127.0.0.1", logging_level="WARNING")

@@ -46,7 +46,7 @@ if str(ROOT) not in sys.path:  # `python bench/serve.py` puts bench/, not the re
     sys.path.insert(0, str(ROOT))
 
 from bench._serve_clients import CLIENTS  # noqa: E402 - after the path fix above
-from bench._serve_direct import STARTUP_S, DirectProcess, pin  # noqa: E402
+from bench._serve_direct import SERVER_QUEUE, STARTUP_S, DirectProcess, pin  # noqa: E402
 
 STAGES = ("queue", "decode", "preprocess", "text", "image", "assign", "encode", "total")
 
@@ -117,7 +117,7 @@ def start_server(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen,
     command = [sys.executable, "-m", "segclip.runtime.serve.cli", "--engine", str(args.bundle),
                "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
                "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
-               "--queue", "256", "--timeout-s", str(args.timeout_s)]
+               "--queue", str(SERVER_QUEUE), "--timeout-s", str(args.timeout_s)]
     if args.threads:
         command += ["--threads", str(args.threads)]
     if args.variant:

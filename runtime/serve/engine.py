@@ -155,8 +155,7 @@ class LocalEngine:
     def _inline(self, job: SegmentJob) -> bool:
         """Run `job` on the loop (module docstring): the engine idle, no other request on its
         way, a small image, and small single jobs lately fast."""
-        height, width = job.image.shape[:2]
-        return (self.idle and self._expected <= 0 and height * width <= INLINE_PIXELS
+        return (self.idle and self._expected <= 0 and _small(job)
                 and self.single_ms is not None and self.single_ms <= INLINE_ENGINE_MS)
 
     async def _collect(self) -> list[_Pending]:
@@ -220,8 +219,7 @@ class LocalEngine:
         try:
             results: list[SegmentResult | Exception] = list(self.segmenter.segment_each(
                 [j.image for j in jobs], [j.labels for j in jobs], [j.threshold for j in jobs]))
-            height, width = jobs[0].image.shape[:2]
-            if len(jobs) == 1 and height * width <= INLINE_PIXELS:
+            if len(jobs) == 1 and _small(jobs[0]):
                 spent = (time.perf_counter() - began) * 1e3
                 self.single_ms = spent if self.single_ms is None else (
                     SINGLE_MS_WEIGHT * spent + (1 - SINGLE_MS_WEIGHT) * self.single_ms)
@@ -268,3 +266,10 @@ class LocalEngine:
         self._executor.shutdown(wait=True)
         self._text_executor.shutdown(wait=True)
         self.segmenter.close()
+
+
+def _small(job: SegmentJob) -> bool:
+    """Whether the job's image has at most `INLINE_PIXELS` (its time may go into `single_ms`,
+    and it may run on the loop)."""
+    height, width = job.image.shape[:2]
+    return height * width <= INLINE_PIXELS
