@@ -195,14 +195,24 @@ def run_paired(direct: DirectProcess, url: str, bodies: list[tuple[bytes, str]],
     direct ratio. After each pair: the same request through the app in `direct`'s process
     without HTTP (the direct result's `in_process_s`), and a `GET /healthz` round trip (the
     server's `pings_s`: what HTTP on this machine costs a request that does no work). The
-    requests go out from a client thread (on `client_cpus`); each is timed there."""
+    requests go out from a client thread (on `client_cpus`); each is timed there.
+
+    Each timed call comes right after an untimed one on the next image on the same side, as in
+    a loop of direct calls or a server under one client: the sides share the CPU, and a call
+    right after another process's model runs on caches that process filled (docs/serve.md
+    "Figures")."""
     direct_s, served, ratios, pings, in_process = [], [], [], [], []
     session = CLIENTS[client](url, bodies)
     poster = ThreadPoolExecutor(1, initializer=pin, initargs=(client_cpus,))
+
+    def post(index: int) -> tuple[float, int, dict[str, Any]]:
+        session.post(index + 1)
+        return session.post(index)
+
     try:
         for index in range(requests):
             direct_s.append(direct.segment(index))
-            served.append(poster.submit(session.post, index).result())
+            served.append(poster.submit(post, index).result())
             if served[-1][1] == 200:
                 ratios.append(served[-1][0] / direct_s[-1])
             in_process.append(direct.app(index))

@@ -21,6 +21,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
+from starlette.background import BackgroundTask
 
 from segclip._version import __version__
 from segclip.runtime.serve.metrics import CONTENT_TYPE, Metrics
@@ -199,6 +200,7 @@ def build_app(engine: Any, settings: ServeSettings,
         # would publish it in /openapi.json)
         reply = await segment_route.respond(request.headers, request.stream())
         return Response(reply.body, status_code=reply.status, media_type=reply.media_type,
-                        headers=reply.headers)
+                        headers=reply.headers,
+                        background=BackgroundTask(reply.after) if reply.after else None)
 
     return app

@@ -26,12 +26,16 @@ from segclip.runtime.variants import VARIANTS
 
 DEFAULT_MAX_PIXELS = 100_000_000  # = segclip.runtime.images.DEFAULT_MAX_PIXELS (kept import-free)
 ENV_CONFIG = "SEGCLIP_SERVE_CONFIG"  # JSON of the options, read by each --workers process
+# warnings and errors only; access lines off (below that level they would never print, yet
+# uvicorn would still build each one's client address and path per response)
+UVICORN_LOGS: dict[str, Any] = {"log_level": "warning", "access_log": False}
 app = new_app(help="Serve a segclip bundle over HTTP (batching, metrics, a demo page).")
 
 
 def _require_serve_extra() -> None:
     try:
         import fastapi  # noqa: F401
+        import orjson  # noqa: F401
         import prometheus_client  # noqa: F401
         import pycocotools  # noqa: F401
         import python_multipart  # noqa: F401
@@ -152,12 +156,12 @@ def main(
     import uvicorn
 
     if workers == 1:
-        uvicorn.run(application, host=host, port=port, log_level="warning")
+        uvicorn.run(application, host=host, port=port, **UVICORN_LOGS)
         return
     application.state.engine.segmenter.close()  # each worker process opens its own
     os.environ[ENV_CONFIG] = json.dumps(config)
     uvicorn.run("segclip.runtime.serve.cli:create_app_from_env", factory=True, host=host,
-                port=port, workers=workers, log_level="warning")
+                port=port, workers=workers, **UVICORN_LOGS)
 
 
 if __name__ == "__main__":

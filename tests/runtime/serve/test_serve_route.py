@@ -116,6 +116,15 @@ def test_plain_entry_answers_as_fastapi_route() -> None:
     slow_counted = [line for line in slow_metrics.decode().splitlines()
                     if line.startswith("segclip_requests_total") and "/v1/segment" in line]
     assert sorted(counted) == sorted(slow_counted)
+    # the answers' metrics, recorded once each reply is written, alike through both entries
+    recorded = ("segclip_stage_seconds_count", "segclip_batch_size_count",
+                "segclip_label_set_cache_total")
+    fast_recorded, slow_recorded = ([line for line in text.decode().splitlines()
+                                     if line.startswith(recorded)]
+                                    for text in (fast_metrics, slow_metrics))
+    assert 'segclip_stage_seconds_count{stage="total"} 3.0' in fast_recorded
+    assert "segclip_batch_size_count 3.0" in fast_recorded
+    assert fast_recorded == slow_recorded
 
 
 @pytest.mark.parametrize("cpus", [1, 4])
