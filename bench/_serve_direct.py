@@ -10,9 +10,11 @@ import json
 import multiprocessing
 import os
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 STARTUP_S = 300.0
+T = TypeVar("T")
 SERVER_QUEUE = 256  # the servers' --queue: above any concurrency the benchmarks drive
 
 
@@ -20,6 +22,14 @@ def pin(cpus: frozenset[int] | None) -> None:
     """Pin the calling thread (and the threads it starts later) to `cpus`; None: leave it."""
     if cpus:
         os.sched_setaffinity(0, cpus)
+
+
+def after_one(call: Callable[[int], T], index: int) -> T:
+    """`call(index)` right after an untimed `call(index + 1)`: how bench/serve.py times each
+    concurrency-1 call on every side, so that it runs on caches its own side just filled, as
+    in a loop of direct calls or a server under one client (docs/serve.md "Figures")."""
+    call(index + 1)
+    return call(index)
 
 
 def run_direct(segmenter: Any, images: list[bytes], labels: list[str], requests: int,
@@ -69,14 +79,14 @@ class DirectProcess:
             raise SystemExit("error: the direct baseline process did not start") from None
 
     def segment(self, index: int) -> float:
-        """Seconds for `Segmenter.segment` on image `index` (opening it included), timed right
-        after an untimed call on image `index + 1` (bench/serve.py `run_paired`)."""
+        """Seconds for `Segmenter.segment` on image `index` (opening it included), `after_one`
+        on image `index + 1`."""
         self.connection.send(("one", index))
         return self.connection.recv()
 
     def app(self, index: int) -> float:
         """Seconds for `POST /v1/segment` with body `index` through the app, without HTTP,
-        right after an untimed one with body `index + 1`."""
+        `after_one` with body `index + 1`."""
         self.connection.send(("app", index))
         return self.connection.recv()
 
@@ -109,21 +119,22 @@ def _direct_worker(connection: Any, bundle: str, threads: int | None, variant: s
     pin(cpus)
     segmenter = Segmenter(bundle, device="cpu", threads=threads, variant=variant,
                           batch_size=max_batch)
+
+    def segment(index: int) -> float:  # seconds for image `index`, opening it included
+        start = time.perf_counter()
+        segmenter.segment(Image.open(io.BytesIO(images[index % len(images)])), labels)
+        return time.perf_counter() - start
+
     app: InProcessApp | None = None
     try:
         connection.send("ready")
         while (command := connection.recv()) is not None:
             if command[0] == "one":
-                for index in (command[1] + 1, command[1]):  # the first one untimed
-                    start = time.perf_counter()
-                    segmenter.segment(Image.open(io.BytesIO(images[index % len(images)])),
-                                      labels)
-                connection.send(time.perf_counter() - start)
+                connection.send(after_one(segment, command[1]))
             elif command[0] == "app":
                 if app is None:
                     app = InProcessApp(bundle, threads, variant, serve_settings, bodies)
-                app.post(command[1] + 1)
-                connection.send(app.post(command[1]))
+                connection.send(after_one(app.post, command[1]))
             else:
                 connection.send(run_direct(segmenter, images, labels, command[1], command[2],
                                            max_batch))

@@ -46,7 +46,13 @@ if str(ROOT) not in sys.path:  # `python bench/serve.py` puts bench/, not the re
     sys.path.insert(0, str(ROOT))
 
 from bench._serve_clients import CLIENTS  # noqa: E402 - after the path fix above
-from bench._serve_direct import SERVER_QUEUE, STARTUP_S, DirectProcess, pin  # noqa: E402
+from bench._serve_direct import (  # noqa: E402
+    SERVER_QUEUE,
+    STARTUP_S,
+    DirectProcess,
+    after_one,
+    pin,
+)
 
 STAGES = ("queue", "decode", "preprocess", "text", "image", "assign", "encode", "total")
 
@@ -197,22 +203,15 @@ def run_paired(direct: DirectProcess, url: str, bodies: list[tuple[bytes, str]],
     server's `pings_s`: what HTTP on this machine costs a request that does no work). The
     requests go out from a client thread (on `client_cpus`); each is timed there.
 
-    Each timed call comes right after an untimed one on the next image on the same side, as in
-    a loop of direct calls or a server under one client: the sides share the CPU, and a call
-    right after another process's model runs on caches that process filled (docs/serve.md
-    "Figures")."""
+    Every timed call comes `after_one` on the next image on its own side: the sides share the
+    CPU, and a call right after another process's model runs on caches that process filled."""
     direct_s, served, ratios, pings, in_process = [], [], [], [], []
     session = CLIENTS[client](url, bodies)
     poster = ThreadPoolExecutor(1, initializer=pin, initargs=(client_cpus,))
-
-    def post(index: int) -> tuple[float, int, dict[str, Any]]:
-        session.post(index + 1)
-        return session.post(index)
-
     try:
         for index in range(requests):
             direct_s.append(direct.segment(index))
-            served.append(poster.submit(post, index).result())
+            served.append(poster.submit(after_one, session.post, index).result())
             if served[-1][1] == 200:
                 ratios.append(served[-1][0] / direct_s[-1])
             in_process.append(direct.app(index))

@@ -80,3 +80,16 @@ def test_clients_keep_one_connection_unless_closed(server: _Server, client: str,
         assert body == {"path": "/v1/segment", "received": len(BODIES[0][0])}
     assert ping > 0
     assert server.connections == (4 if close_each else 1)
+
+
+def test_after_one_times_the_call_right_after_an_untimed_one() -> None:
+    from bench._serve_direct import after_one
+
+    calls: list[int] = []
+
+    def call(index: int) -> str:
+        calls.append(index)
+        return f"result {index}"
+
+    assert after_one(call, 7) == "result 7"
+    assert calls == [8, 7]
