@@ -21,7 +21,10 @@ parsed).
 Reported per level: requests/s, client latency p50/p90/p99, the server's per-stage
 p50/p90/p99 (`timings_ms`), errors, batch sizes; the server's RSS after warm-up and at the end
 of each round. Ratios: server latency / direct latency at concurrency 1 (and the app without
-HTTP / direct), server throughput / direct batched throughput at the highest concurrency.
+HTTP / direct), server throughput / direct batched throughput at the highest concurrency. With
+the lean client on Linux a server latency is also taken to the reply's arrival at the client's
+socket (the kernel's receive timestamp): what the server and the network took, without the
+client's CPU waking up to read it; each round's median pair ratio is reported both ways.
 `--server-cpus` pins the server and the baseline's process, `--client-cpus` the client threads
 (as if the clients ran on other machines); without them nothing is pinned.
 """
@@ -45,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/serve.py` puts bench/, not the repo, on the path
     sys.path.insert(0, str(ROOT))
 
-from bench._serve_clients import CLIENTS  # noqa: E402 - after the path fix above
+from bench._serve_clients import CLIENTS, Reply  # noqa: E402 - after the path fix above
 from bench._serve_direct import (  # noqa: E402
     SERVER_QUEUE,
     STARTUP_S,
@@ -179,7 +182,7 @@ def encode_bodies(images: list[bytes], labels: list[str]) -> list[tuple[bytes, s
 def run_server(url: str, bodies: list[tuple[bytes, str]], requests: int, concurrency: int,
                client_cpus: frozenset[int] | None = None, client: str = "lean",
                ) -> dict[str, Any]:
-    def load(worker: int) -> list[tuple[float, int, dict[str, Any]]]:
+    def load(worker: int) -> list[Reply]:
         session = CLIENTS[client](url, bodies)
         try:
             return [session.post(index) for index in range(worker, requests, concurrency)]
@@ -195,25 +198,30 @@ def run_server(url: str, bodies: list[tuple[bytes, str]], requests: int, concurr
 
 def run_paired(direct: DirectProcess, url: str, bodies: list[tuple[bytes, str]], requests: int,
                client_cpus: frozenset[int] | None = None, client: str = "lean",
-               ) -> tuple[dict[str, Any], dict[str, Any], list[float]]:
+               ) -> tuple[dict[str, Any], dict[str, Any], dict[str, list[float]]]:
     """Concurrency 1 as pairs: each image through `Segmenter.segment` (in `direct`), then at
     once through the server, so both see the same moment's load; also each pair's server /
     direct ratio. After each pair: the same request through the app in `direct`'s process
     without HTTP (the direct result's `in_process_s`), and a `GET /healthz` round trip (the
     server's `pings_s`: what HTTP on this machine costs a request that does no work). The
-    requests go out from a client thread (on `client_cpus`); each is timed there.
+    requests go out from a client thread (on `client_cpus`); each is timed there. The ratios
+    come in the client (`client`) and at its socket (`socket`, where the client can tell).
 
     Every timed call comes `after_one` on the next image on its own side: the sides share the
     CPU, and a call right after another process's model runs on caches that process filled."""
-    direct_s, served, ratios, pings, in_process = [], [], [], [], []
+    direct_s, served, pings, in_process = [], [], [], []
+    ratios: dict[str, list[float]] = {"client": [], "socket": []}
     session = CLIENTS[client](url, bodies)
     poster = ThreadPoolExecutor(1, initializer=pin, initargs=(client_cpus,))
     try:
         for index in range(requests):
             direct_s.append(direct.segment(index))
-            served.append(poster.submit(after_one, session.post, index).result())
-            if served[-1][1] == 200:
-                ratios.append(served[-1][0] / direct_s[-1])
+            reply = poster.submit(after_one, session.post, index).result()
+            served.append(reply)
+            if reply.status == 200:
+                ratios["client"].append(reply.latency_s / direct_s[-1])
+                if reply.at_socket_s is not None:
+                    ratios["socket"].append(reply.at_socket_s / direct_s[-1])
             in_process.append(direct.app(index))
             pings.append(poster.submit(session.ping).result())
     finally:
@@ -221,17 +229,18 @@ def run_paired(direct: DirectProcess, url: str, bodies: list[tuple[bytes, str]],
         session.close()
     return ({"latencies_s": direct_s, "wall_s": sum(direct_s), "images": requests, "chunk": 1,
              "in_process_s": in_process},
-            {**_server_result(served, sum(r[0] for r in served)), "pings_s": pings}, ratios)
+            {**_server_result(served, sum(r.latency_s for r in served)), "pings_s": pings},
+            ratios)
 
 
-def _server_result(results: list[tuple[float, int, dict[str, Any]]],
-                   wall: float) -> dict[str, Any]:
-    return {"latencies_s": [r[0] for r in results if r[1] == 200], "wall_s": wall,
-            "errors": sum(r[1] != 200 for r in results), "requests": len(results),
-            "error_statuses": sorted(r[1] for r in results if r[1] != 200),
-            "stages_ms": {s: [r[2]["timings_ms"][s] for r in results if r[1] == 200]
-                          for s in STAGES},
-            "batch_sizes": [r[2]["batch_size"] for r in results if r[1] == 200]}
+def _server_result(results: list[Reply], wall: float) -> dict[str, Any]:
+    ok = [r for r in results if r.status == 200]
+    return {"latencies_s": [r.latency_s for r in ok], "wall_s": wall,
+            "at_socket_s": [r.at_socket_s for r in ok if r.at_socket_s is not None],
+            "errors": len(results) - len(ok), "requests": len(results),
+            "error_statuses": sorted(r.status for r in results if r.status != 200),
+            "stages_ms": {s: [r.body["timings_ms"][s] for r in ok] for s in STAGES},
+            "batch_sizes": [r.body["batch_size"] for r in ok]}
 
 
 def _pcts(values_ms: list[float]) -> dict[str, float]:
@@ -263,6 +272,9 @@ def summarize_level(direct: list[dict], server: list[dict]) -> dict[str, Any]:
                        "latency": summarize(s_lat), "stages_ms": stages,
                        "batch_size_mean": sum(batches) / max(1, len(batches)),
                        "batch_size_max": max(batches, default=0)}}
+    at_socket = [t for r in server for t in r.get("at_socket_s", [])]
+    if at_socket:
+        level["server"]["latency_at_socket"] = summarize(at_socket)
     if pings:
         level["server"]["healthz_round_trip"] = summarize(pings)
     if in_process:
@@ -281,7 +293,9 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
     bodies = encode_bodies(images, labels)
     info = machine_info()
     raw: dict[int, dict[str, list]] = {c: {"direct": [], "server": []} for c in levels}
-    paired: list[float] = []  # concurrency 1: per-pair server / direct latency
+    # concurrency 1: per-pair server / direct latency, in the client and at its socket
+    paired: dict[str, list[float]] = {"client": [], "socket": []}
+    round_medians: dict[str, list[float]] = {"client": [], "socket": []}
     rss: list[dict[str, int]] = []  # per round: the server's RSS after warm-up and at the end
     # the server log lives as long as the run (a server that fails to start has it quoted)
     with tempfile.TemporaryDirectory(prefix="segclip-bench-serve-") as scratch:
@@ -300,7 +314,10 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
                                                             args.client_cpus, args.client)
                         raw[c]["direct"].append(d)
                         raw[c]["server"].append(served)
-                        paired += pair_ratios
+                        for where, values in pair_ratios.items():
+                            paired[where] += values
+                            if values:
+                                round_medians[where].append(round(percentile(values, 50), 4))
                     else:
                         raw[c]["direct"].append(direct.run(args.requests, c))
                         raw[c]["server"].append(run_server(url, bodies, args.requests, c,
@@ -314,13 +331,19 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
                 process.wait(timeout=60)
     results = {c: summarize_level(raw[c]["direct"], raw[c]["server"]) for c in levels}
     if 1 in results:
-        results[1]["paired_ratios"] = [round(r, 4) for r in paired]
+        results[1]["paired_ratios"] = [round(r, 4) for r in paired["client"]]
+        results[1]["paired_ratios_at_socket"] = [round(r, 4) for r in paired["socket"]]
+        results[1]["paired_medians_by_round"] = round_medians
     c1, top = results.get(1), results[max(levels)]
     ratios = {}
     if c1:
-        ratios["latency_c1_server_over_direct"] = (
-            c1["server"]["latency"]["median_ms"] / c1["direct"]["latency_per_call"]["median_ms"])
-        ratios["latency_c1_paired_median"] = percentile(paired, 50) if paired else None
+        direct_p50 = c1["direct"]["latency_per_call"]["median_ms"]
+        ratios["latency_c1_server_over_direct"] = c1["server"]["latency"]["median_ms"] / direct_p50
+        ratios["latency_c1_paired_median"] = (percentile(paired["client"], 50)
+                                              if paired["client"] else None)
+        at_socket = c1["server"].get("latency_at_socket")
+        ratios["latency_c1_at_socket_over_direct"] = (at_socket["median_ms"] / direct_p50
+                                                      if at_socket else None)
         ratios["latency_c1_app_in_process_over_direct"] = (
             c1["direct"]["app_in_process"]["median_ms"]
             / c1["direct"]["latency_per_call"]["median_ms"])
@@ -336,6 +359,9 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
             "levels": {str(c): results[c] for c in levels}, "ratios": ratios,
             "targets": [{"target": "server latency at concurrency 1 <= 1.10x direct",
                          "value": ratios.get("latency_c1_server_over_direct")},
+                        {"target": "server latency at concurrency 1, to the client's socket, "
+                                   "<= 1.10x direct",
+                         "value": ratios.get("latency_c1_at_socket_over_direct")},
                         {"target": f"server throughput at concurrency {max(levels)} >= 0.9x "
                                    f"direct batched",
                          "value": ratios[f"throughput_c{max(levels)}_server_over_direct_batched"]}]}
@@ -370,6 +396,11 @@ def print_summary(results: dict[str, Any]) -> None:
     paired = results["ratios"].get("latency_c1_paired_median")
     if paired is not None:
         print(f"concurrency 1, median of the per-request server / direct ratios: {paired:.3f}x")
+        by_round = results["levels"]["1"].get("paired_medians_by_round", {})
+        for where, medians in by_round.items():
+            if medians:
+                print(f"concurrency 1, that median per round ({where}): "
+                      + ", ".join(f"{m:.3f}" for m in medians))
     for target in results["targets"]:
         value = target["value"]
         print(f"{target['target']}: {'-' if value is None else f'{value:.3f}x'}")

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from _bench_helpers import run_script
 
+from bench._serve_clients import SO_TIMESTAMPNS
+
 pytest.importorskip("fastapi")
 
 
@@ -34,6 +36,16 @@ def test_serve_bench_runs_and_reports(bench_bundle: Path, tmp_path: Path) -> Non
     assert results["ratios"]["latency_c1_paired_median"] == pytest.approx(
         sorted(pairs)[2:4][0] / 2 + sorted(pairs)[2:4][1] / 2, rel=1e-3)
     assert "per-request server / direct ratios" in proc.stdout
+    assert c1["paired_medians_by_round"]["client"] == [
+        pytest.approx(results["ratios"]["latency_c1_paired_median"], abs=1e-4)]
+    at_socket = c1["paired_ratios_at_socket"]
+    if SO_TIMESTAMPNS is not None:  # the reply reaches the socket before the client reads it
+        assert len(at_socket) == 6
+        assert all(s <= c + 1e-3 for s, c in zip(at_socket, pairs))
+        assert results["ratios"]["latency_c1_at_socket_over_direct"] == pytest.approx(
+            c1["server"]["latency_at_socket"]["median_ms"]
+            / c1["direct"]["latency_per_call"]["median_ms"])
+        assert "to the client's socket" in proc.stdout
     assert results["rss_kib"]["after_warm_up"] > 0 and results["rss_kib"]["end"] > 0
     assert c1["server"]["healthz_round_trip"]["n"] == 6  # one GET /healthz after each pair
     assert results["options"]["client"] == "lean"
@@ -58,6 +70,9 @@ def test_serve_bench_pins_server_and_clients(bench_bundle: Path, tmp_path: Path)
     assert results["options"]["server_cpus"] == [server]
     assert results["options"]["client_cpus"] == [client]
     assert all(level["server"]["errors"] == 0 for level in results["levels"].values())
+    # http.client cannot tell when a reply reached the socket: no such figure, not a made-up one
+    assert results["ratios"]["latency_c1_at_socket_over_direct"] is None
+    assert "latency_at_socket" not in results["levels"]["1"]["server"]
 
 
 def test_serve_bench_refuses_a_bad_cpu_list(bench_bundle: Path) -> None:

@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from _bench_helpers import ROOT  # noqa: F401  (puts the repository on sys.path)
 
-from bench._serve_clients import CLIENTS
+from bench._serve_clients import CLIENTS, SO_TIMESTAMPNS
 
 BODIES = [(b"--b\r\nx\r\n--b--\r\n", "multipart/form-data; boundary=b")]
 
@@ -75,11 +75,28 @@ def test_clients_keep_one_connection_unless_closed(server: _Server, client: str,
         ping = session.ping()
     finally:
         session.close()
-    for latency, status, body in replies:
+    for latency, status, body, at_socket in replies:
         assert status == 200 and latency > 0
         assert body == {"path": "/v1/segment", "received": len(BODIES[0][0])}
+        if client == "lean" and SO_TIMESTAMPNS is not None:  # the kernel stamped the arrival
+            assert at_socket is not None and 0 < at_socket <= latency + 1e-3
+        else:
+            assert at_socket is None
     assert ping > 0
     assert server.connections == (4 if close_each else 1)
+
+
+def test_arrival_is_read_from_the_receive_timestamp() -> None:
+    import socket
+    import struct
+
+    from bench._serve_clients import _arrival_ns
+
+    stamp = struct.pack("qq", 1_700_000_000, 123_456_789)  # struct timespec
+    assert _arrival_ns([(socket.SOL_SOCKET, SO_TIMESTAMPNS or 35, stamp)], None) == \
+        1_700_000_000_123_456_789
+    assert _arrival_ns([], 5) == 5  # a read without a stamp keeps the last one
+    assert _arrival_ns([(socket.IPPROTO_TCP, 1, stamp)], None) is None
 
 
 def test_after_one_times_the_call_right_after_an_untimed_one() -> None:
