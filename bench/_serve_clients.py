@@ -82,13 +82,7 @@ class LeanClient:
     def _connect(self) -> socket.socket:
         sock = socket.create_connection((self.address.hostname, self.address.port), timeout=300)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.timestamps = False
-        if SO_TIMESTAMPNS is not None and TIMESTAMP_SPACE:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-                self.timestamps = True
-            except OSError:  # a kernel without it: latencies in the client only
-                self.timestamps = False
+        self.timestamps = _receive_timestamps(sock)
         return sock
 
     def _exchange(self, request: bytes) -> tuple[int, bytes, float | None]:
@@ -121,6 +115,17 @@ class LeanClient:
         if self.socket is not None:
             self.socket.close()
             self.socket = None
+
+
+def _receive_timestamps(sock: socket.socket) -> bool:
+    """Ask the kernel to stamp each segment `sock` receives; whether it will."""
+    if SO_TIMESTAMPNS is None or not TIMESTAMP_SPACE:
+        return False
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    except OSError:  # a kernel without it: latencies in the client only
+        return False
+    return True
 
 
 def _arrival_ns(ancillary: list[tuple[int, int, bytes]], previous: int | None) -> int | None:

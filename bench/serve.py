@@ -345,8 +345,7 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
         ratios["latency_c1_at_socket_over_direct"] = (at_socket["median_ms"] / direct_p50
                                                       if at_socket else None)
         ratios["latency_c1_app_in_process_over_direct"] = (
-            c1["direct"]["app_in_process"]["median_ms"]
-            / c1["direct"]["latency_per_call"]["median_ms"])
+            c1["direct"]["app_in_process"]["median_ms"] / direct_p50)
     ratios[f"throughput_c{max(levels)}_server_over_direct_batched"] = (
         top["server"]["requests_per_s"] / top["direct"]["images_per_s"])
     return {"bench": "serve", "bundle": str(args.bundle), "machine": info,
